@@ -1,0 +1,42 @@
+"""Stage `base`: build (tiny) or locate (hub/local) the base model and its tokenizer.
+
+    python scripts/base.py       (reads params.yaml and artifacts/prepare/; writes artifacts/base/)
+
+For model.source=tiny it trains a byte-level BPE tokenizer on the training split, builds a Phi-3
+model and warms it up briefly on the training phrases, all from the seed. For hub models the
+weights stay in the Hugging Face cache at the pinned revision; base.json points at them.
+"""
+
+from slmkit import hub, lineage
+from slmkit.config import load_params
+from slmkit.data import read_split
+from slmkit.prompt import build_training_text
+from slmkit.stage import atomic_dir, log, main, read_json, stage_dir, write_json
+
+
+def run() -> None:
+    cfg = load_params()
+    prepared = stage_dir("prepare")
+    data_sha = read_json(prepared / "manifest.json")["source"]["sha256"]
+    with atomic_dir(stage_dir("base")) as out:
+        if cfg.model.source == "tiny":
+            from slmkit.tiny import build_tiny_base
+
+            train = read_split(prepared / "train.jsonl")
+            # The tokenizer sees the prompt scaffolding and labels too, so they become few tokens.
+            texts = [build_training_text(cfg.data, e.text, e.label, "") for e in train]
+            info = build_tiny_base(cfg.model.tiny, texts, [e.text for e in train], cfg.seed, out / "model")
+            log.info("tiny Phi-3: %d parameters, vocab %d", info["parameters"], info["vocab_size"])
+            base = {"source": "tiny", "model_path": str(stage_dir("base") / "model"),
+                    "parameters": info["parameters"], "vocab_size": info["vocab_size"],
+                    "warmup_final_loss": round(info["warmup_loss"][-1], 4)}
+        else:
+            path = hub.model_path(cfg.model)
+            base = {"source": cfg.model.source, "model_path": str(path),
+                    "hub_id": cfg.model.hub_id, "revision": cfg.model.revision}
+        write_json(out / "base.json", base)
+        write_json(out / "lineage.json", lineage.record("base", cfg, ("seed", "model", "data"), data_sha))
+
+
+if __name__ == "__main__":
+    main("base", run)

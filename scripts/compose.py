@@ -1,0 +1,39 @@
+"""Compose conf/ with Hydra overrides, validate it, and write params.yaml (what DVC tracks).
+
+    python scripts/compose.py [override ...]      e.g.  lora.r=8 data.path=/data/other.jsonl
+    python scripts/compose.py --check             exit 1 if params.yaml is not what conf/ composes to
+"""
+
+import sys
+from pathlib import Path
+
+from slmkit.config import ConfigError, compose, to_yaml
+
+PARAMS = Path("params.yaml")
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    overrides = [a for a in argv if a != "--check"]
+    try:
+        text = to_yaml(compose(overrides))
+    except ConfigError as err:
+        print(f"slmkit params: error: {err}", file=sys.stderr)
+        return 1
+    if check:
+        if not PARAMS.exists() or PARAMS.read_text(encoding="utf-8") != text:
+            print(f"{PARAMS} is stale: run `make params` and commit it", file=sys.stderr)
+            return 1
+        return 0
+    if PARAMS.exists() and PARAMS.read_text(encoding="utf-8") == text:
+        print(f"{PARAMS}: unchanged")
+        return 0
+    tmp = PARAMS.with_name(f".{PARAMS.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(PARAMS)
+    print(f"{PARAMS}: written" + (f" with overrides {' '.join(overrides)}" if overrides else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

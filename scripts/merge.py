@@ -1,0 +1,37 @@
+"""Stage `merge`: fold the LoRA adapter into the base model with Olive's MergeAdapterWeights.
+
+    python scripts/merge.py      (reads params.yaml, artifacts/base/, artifacts/train/; writes artifacts/merge/)
+"""
+
+import shutil
+
+from slmkit import lineage, olive_config, olive_run
+from slmkit.config import load_params
+from slmkit.inference import save_prompt_config
+from slmkit.stage import atomic_dir, main, read_json, stage_dir, write_json
+
+
+def run() -> None:
+    cfg = load_params()
+    base_path = read_json(stage_dir("base") / "base.json")["model_path"]
+    work = stage_dir("merge").with_name(".olive-merge")
+    shutil.rmtree(work, ignore_errors=True)
+    workflow = olive_config.merge_workflow(cfg, base_path, stage_dir("train") / "adapter", work)
+    output = olive_run.run_workflow(workflow, work, "adapter merge")
+    model = output / "model"
+    olive_run.require([model / "config.json", model / "tokenizer_config.json"], "adapter merge", work / "olive.log")
+    if not any(model.glob("*.safetensors")):
+        olive_run.require([model / "model.safetensors"], "adapter merge", work / "olive.log")
+
+    with atomic_dir(stage_dir("merge")) as out:
+        shutil.copytree(model, out / "model")
+        save_prompt_config(cfg.data, out / "model")
+        for name in ("olive_config.json", "olive.log"):
+            shutil.copy2(work / name, out / name)
+        data_sha = read_json(stage_dir("prepare") / "manifest.json")["source"]["sha256"]
+        write_json(out / "lineage.json", lineage.record("merge", cfg, ("seed", "data", "model", "lora", "train"), data_sha))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main("merge", run)

@@ -1,0 +1,41 @@
+"""Stage `prepare`: validate the data, drop exact repeats, split train/val/test, write a manifest.
+
+    python scripts/prepare.py        (reads params.yaml; writes artifacts/prepare/)
+"""
+
+from slmkit import lineage
+from slmkit.config import load_params
+from slmkit.data import SPLITS, label_counts, read_examples, sha256_file, split_examples, write_split
+from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
+
+
+def run() -> None:
+    cfg = load_params()
+    examples, repeats = read_examples(cfg.data.path, cfg.data)
+    if repeats:
+        log.warning("dropped %d exact repeat(s) of a phrase before splitting", repeats)
+    splits = split_examples(examples, cfg.data, cfg.seed)
+    with atomic_dir(stage_dir("prepare")) as out:
+        manifest = {
+            "source": {"path": cfg.data.path, "sha256": sha256_file(cfg.data.path)},
+            "examples": len(examples),
+            "repeats_dropped": repeats,
+            "splits": {},
+        }
+        for name in SPLITS:
+            path = out / f"{name}.jsonl"
+            write_split(path, splits[name])
+            manifest["splits"][name] = {
+                "file": path.name, "sha256": sha256_file(path), "count": len(splits[name]),
+                "labels": label_counts(splits[name]),
+            }
+        write_json(out / "manifest.json", manifest)
+        write_json(out / "lineage.json", lineage.record("prepare", cfg, ("seed", "data"), manifest["source"]["sha256"]))
+    log.info(
+        "%d examples (%d repeats dropped): %s",
+        len(examples), repeats, ", ".join(f"{n} {len(splits[n])}" for n in SPLITS),
+    )
+
+
+if __name__ == "__main__":
+    main("prepare", run)

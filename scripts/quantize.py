@@ -1,0 +1,51 @@
+"""Stage `quantize`: build the ONNX model for onnxruntime-genai with Olive's ModelBuilder (int4 by default).
+
+    python scripts/quantize.py   (reads params.yaml, artifacts/merge/; writes artifacts/quantize/)
+
+artifacts/quantize/model/ runs with onnxruntime-genai alone: model.onnx(+.data), genai_config.json,
+tokenizer files, and slmkit_prompt.json (the prompt the model was trained with).
+"""
+
+import shutil
+
+from slmkit import lineage, olive_config, olive_run
+from slmkit.config import load_params
+from slmkit.inference import GenaiModel, save_prompt_config
+from slmkit.stage import StageError, atomic_dir, log, main, read_json, stage_dir, write_json
+
+# Olive's bookkeeping, not part of the model folder.
+OLIVE_FILES = ("footprint.json", "output_footprint.json", "model_config.json", "run_history.txt")
+
+
+def run() -> None:
+    cfg = load_params()
+    work = stage_dir("quantize").with_name(".olive-quantize")
+    shutil.rmtree(work, ignore_errors=True)
+    workflow = olive_config.quantize_workflow(cfg, stage_dir("merge") / "model", work)
+    output = olive_run.run_workflow(workflow, work, f"ModelBuilder {cfg.builder.precision}")
+    olive_run.require(
+        [output / "model.onnx", output / "genai_config.json", output / "tokenizer.json"],
+        f"ModelBuilder {cfg.builder.precision}", work / "olive.log",
+    )
+    with atomic_dir(stage_dir("quantize")) as out:
+        model = out / "model"
+        shutil.copytree(output, model, ignore=shutil.ignore_patterns(*OLIVE_FILES))
+        save_prompt_config(cfg.data, model)
+        if cfg.builder.execution_provider == "cpu":
+            # Check before accepting: the folder must load and generate with onnxruntime-genai.
+            try:
+                GenaiModel(model).generate("check", max_new_tokens=2)
+            except Exception as err:
+                raise StageError(f"the built model does not run with onnxruntime-genai: {err}") from err
+        for name in ("olive_config.json", "olive.log"):
+            shutil.copy2(work / name, out / name)
+        data_sha = read_json(stage_dir("prepare") / "manifest.json")["source"]["sha256"]
+        sections = ("seed", "data", "model", "lora", "train", "builder")
+        write_json(out / "lineage.json", lineage.record("quantize", cfg, sections, data_sha))
+    size = sum(p.stat().st_size for p in (stage_dir("quantize") / "model").iterdir())
+    log.info("%s model: %.1f MB in %s", cfg.builder.precision, size / 1e6, stage_dir("quantize") / "model")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main("quantize", run)

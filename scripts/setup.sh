@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create or update the locked Python environment. Used by `make setup` and by docker/Dockerfile,
+# so the container and every checkout install the same way from the same lock.
+#
+#   scripts/setup.sh [cpu|cuda] [VENV_DIR]
+#
+# The lock (requirements/<extra>.txt) pins every package. On CPU, torch==2.13.0 resolves to the
+# CPU wheel (pip's find-links); an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+
+extra="${1:-cpu}"
+venv="${2:-.venv}"
+python="${PYTHON:-python3.11}"
+lock="requirements/${extra}.txt"
+
+case "$extra" in
+  cpu|cuda) ;;
+  *) echo "setup.sh: unknown extra '$extra' (use cpu or cuda)" >&2; exit 2 ;;
+esac
+[ -f "$lock" ] || { echo "setup.sh: lock file $lock is missing; run 'make lock'" >&2; exit 2; }
+command -v "$python" >/dev/null || { echo "setup.sh: $python not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo ">> creating $venv with $("$python" --version)"
+  "$python" -m venv "$venv"
+fi
+echo ">> installing $lock into $venv (first time: a few minutes)"
+pip_install() {
+  # This machine's pip config lists file:// indexes that exist only for some packages; pip warns
+  # once per package about the rest. Drop that noise, keep every other message.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --require-virtualenv "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install -r "$lock"
+pip_install --no-deps --no-build-isolation -e .
+sha256sum "$lock" pyproject.toml > "$venv/.slmkit-installed"
+echo ">> environment ready: $venv ($extra)"

@@ -1,0 +1,246 @@
+"""Typed schema of every config group, and loading/validating a composed config (params.yaml)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRECISIONS = ("int4", "fp16", "fp32")
+EXECUTION_PROVIDERS = ("cpu", "cuda")
+MODEL_SOURCES = ("tiny", "hub", "local")
+LORA_METHODS = ("lora",)
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: the message names the key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # any JSON-lines file; relative paths are relative to the repo root
+    text_column: str = "phrase"
+    label_column: str = "tone"
+    labels: list[str] = MISSING  # the configured spelling; input labels match case-insensitively
+    # Training text = template with {text} and {label} filled in, then the tokenizer's EOS.
+    # Everything before {label} is the prompt; {label} must be the last placeholder.
+    template: str = MISSING
+    max_chars: int = 400  # longer phrases are refused in `prepare`
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+
+@dataclass
+class TinyModelConfig:
+    """A Phi-3-architecture model built locally, with a byte-level BPE tokenizer trained on the data."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    vocab_size: int = 2000  # upper bound; must differ from every linear layer's width
+    max_position_embeddings: int = 512
+    # A short causal-LM warm-up on the training phrases (no labels) so the base plays the role of a
+    # pretrained model: LoRA then adapts a model that already knows the vocabulary.
+    warmup_steps: int = 300
+    warmup_learning_rate: float = 1e-3
+    warmup_batch_size: int = 16
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = MISSING  # tiny | hub | local
+    hub_id: str | None = None
+    revision: str | None = None  # pinned commit for hub models
+    path: str | None = None  # local directory, for source=local
+    trust_remote_code: bool = False
+    max_length: int = 128  # tokens per training example
+    tiny: TinyModelConfig | None = None
+
+
+@dataclass
+class LoraConfig:
+    method: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["qkv_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 3e-4
+    max_steps: int = 300
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int = 50
+    torch_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class BuilderConfig:
+    precision: str = "int4"
+    execution_provider: str = "cpu"
+    int4_block_size: int = 32
+    int4_accuracy_level: int = 4
+
+
+@dataclass
+class EvaluateConfig:
+    max_new_tokens: int = 8
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    builder: BuilderConfig = field(default_factory=BuilderConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _check_choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"'{value}' is not allowed; use one of {', '.join(allowed)}")
+
+
+def check_values(cfg: Config) -> None:
+    """Range and combination checks that the type schema cannot express."""
+    d = cfg.data
+    _check(bool(d.labels), "data.labels", "the label set is empty; list at least two labels")
+    _check(len(d.labels) >= 2, "data.labels", "a classifier needs at least two labels")
+    folded = [label.strip().casefold() for label in d.labels]
+    _check(len(set(folded)) == len(folded), "data.labels", f"labels repeat (case-insensitively): {d.labels}")
+    _check(all(label.strip() for label in d.labels), "data.labels", "a label is empty")
+    _check("{text}" in d.template, "data.template", "must contain the placeholder {text}")
+    _check(d.template.count("{label}") == 1, "data.template", "must contain the placeholder {label} once")
+    _check(
+        d.template.index("{label}") > d.template.index("{text}"),
+        "data.template",
+        "{label} must come after {text}: the model reads the text, then writes the label",
+    )
+    _check(d.max_chars > 0, "data.max_chars", "must be > 0")
+    for key, value in (("val_fraction", d.val_fraction), ("test_fraction", d.test_fraction)):
+        _check(0 < value < 1, f"data.{key}", f"must be in (0, 1), got {value}")
+    _check(d.val_fraction + d.test_fraction < 1, "data", "val_fraction + test_fraction must be < 1")
+
+    m = cfg.model
+    _check_choice(m.source, "model.source", MODEL_SOURCES)
+    if m.source == "tiny":
+        _check(m.tiny is not None, "model.tiny", "source=tiny needs the tiny model's sizes")
+    if m.source == "hub":
+        _check(bool(m.hub_id), "model.hub_id", "source=hub needs a hub id, e.g. microsoft/Phi-3-mini-4k-instruct")
+        _check(bool(m.revision), "model.revision", "pin the hub revision (a commit hash) for reproducibility")
+    if m.source == "local":
+        _check(bool(m.path), "model.path", "source=local needs the model directory")
+    _check(m.max_length > 8, "model.max_length", "must be > 8 tokens")
+
+    lo = cfg.lora
+    _check_choice(lo.method, "lora.method", LORA_METHODS)
+    _check(lo.r > 0, "lora.r", f"must be > 0, got {lo.r}")
+    _check(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
+    _check(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    _check(bool(lo.target_modules), "lora.target_modules", "list at least one module name, e.g. qkv_proj")
+
+    t = cfg.train
+    _check(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    _check(t.max_steps > 0, "train.max_steps", "must be > 0")
+    _check(t.batch_size > 0, "train.batch_size", "must be > 0")
+    _check(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
+    _check(t.logging_steps > 0, "train.logging_steps", "must be > 0")
+    _check(t.eval_steps > 0, "train.eval_steps", "must be > 0")
+    _check_choice(t.torch_dtype, "train.torch_dtype", TORCH_DTYPES)
+
+    b = cfg.builder
+    _check_choice(b.precision, "builder.precision", PRECISIONS)
+    _check_choice(b.execution_provider, "builder.execution_provider", EXECUTION_PROVIDERS)
+    # Measured: ModelBuilder's CPU fp16 output fails to build/run.
+    _check(
+        not (b.precision == "fp16" and b.execution_provider == "cpu"),
+        "builder",
+        "fp16 on CPU is not supported by ModelBuilder; use builder=int4_cpu or builder=fp32_cpu",
+    )
+    _check(b.int4_block_size in (16, 32, 64, 128, 256), "builder.int4_block_size", "use 16, 32, 64, 128 or 256")
+    _check(b.int4_accuracy_level in (0, 1, 2, 3, 4), "builder.int4_accuracy_level", "use 0..4")
+
+    e = cfg.evaluate
+    _check(e.max_new_tokens > 0, "evaluate.max_new_tokens", "must be > 0")
+    _check(e.batch_size > 0, "evaluate.batch_size", "must be > 0")
+
+
+def validate(raw: DictConfig | dict[str, Any], source: str = "config") -> Config:
+    """Check `raw` against the schema (unknown keys, types) and the value rules; return typed config."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: config key '{key}': {msg}") from None
+    try:
+        check_values(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_params(path: str | Path = "params.yaml") -> Config:
+    """Load and validate the composed config that DVC tracks."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run 'make params' to compose it from conf/")
+    return validate(OmegaConf.load(path), source=str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def section_hash(cfg: Config, *keys: str) -> str:
+    """sha256 of the named config sections (e.g. 'data', 'lora'), for lineage records."""
+    full = to_dict(cfg)
+    picked = {k: full[k] for k in keys}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+PARAMS_HEADER = "# GENERATED by `make params` from conf/ (scripts/compose.py). Do not edit: change conf/ or pass overrides.\n"
+
+
+def compose(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Config:
+    """Compose conf/config.yaml with Hydra overrides (e.g. ['lora.r=8']) and validate the result."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = list(overrides or [])
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"{conf_dir}: cannot compose with overrides {overrides}: {err}") from None
+    return validate(raw, source=f"conf/ + overrides {overrides}" if overrides else "conf/")
+
+
+def to_yaml(cfg: Config) -> str:
+    return PARAMS_HEADER + OmegaConf.to_yaml(OmegaConf.structured(cfg))

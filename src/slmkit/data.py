@@ -1,0 +1,157 @@
+"""Read, validate, deduplicate, split and hash the labelled JSON-lines data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+
+from slmkit.config import DataConfig
+from slmkit.prompt import normalize_label
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A problem in the user's data file: the message names file, line and the fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+    line: int  # 1-based line in the source file
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], int]:
+    """Read and validate every line; return (unique examples, number of exact repeats dropped).
+
+    Any problem is a DataError naming the file and line. Exact repeats of a phrase with the same label
+    are dropped; the same phrase with two different labels is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (config key data.path); point data.path at a JSON-lines file")
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start}); save the file as UTF-8") from None
+
+    cols = {data.text_column, data.label_column}
+    examples: list[Example] = []
+    seen: dict[str, Example] = {}
+    repeats = 0
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with keys {sorted(cols)}, got {type(row).__name__}")
+        missing, extra = cols - row.keys(), row.keys() - cols
+        if missing:
+            raise DataError(f"{where}: missing key(s) {sorted(missing)}; each line needs {sorted(cols)}")
+        if extra:
+            raise DataError(
+                f"{where}: unexpected key(s) {sorted(extra)}; each line has exactly {sorted(cols)} "
+                "(set data.text_column / data.label_column if your columns are named differently)"
+            )
+        text, label_raw = row[data.text_column], row[data.label_column]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: '{data.text_column}' must be a string, got {type(text).__name__}")
+        if not isinstance(label_raw, str):
+            raise DataError(f"{where}: '{data.label_column}' must be a string, got {type(label_raw).__name__}")
+        text = " ".join(text.split())  # one line, single spaces: the prompt format depends on it
+        if not text:
+            raise DataError(f"{where}: '{data.text_column}' is empty; remove the line or fill it in")
+        if len(text) > data.max_chars:
+            raise DataError(
+                f"{where}: '{data.text_column}' has {len(text)} characters, over data.max_chars={data.max_chars}; "
+                "shorten it or raise data.max_chars"
+            )
+        label = normalize_label(data, label_raw)
+        if label is None:
+            close = get_close_matches(label_raw, data.labels, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise DataError(
+                f"{where}: unknown label '{label_raw}'; allowed: {', '.join(data.labels)} "
+                f"(config key data.labels).{hint}"
+            )
+        key = text.casefold()
+        if key in seen:
+            first = seen[key]
+            if first.label != label:
+                raise DataError(
+                    f"{where}: phrase also appears at line {first.line} with label '{first.label}', here "
+                    f"'{label}'; keep one label per phrase"
+                )
+            repeats += 1
+            continue
+        ex = Example(text=text, label=label, line=lineno)
+        seen[key] = ex
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty); add JSON lines like "
+                        f'{{"{data.text_column}": "...", "{data.label_column}": "{data.labels[0]}"}}')
+    return examples, repeats
+
+
+def split_examples(
+    examples: list[Example], data: DataConfig, seed: int
+) -> dict[str, list[Example]]:
+    """Stratified, deterministic train/val/test split (same input + seed => same split)."""
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        by_label[ex.label].append(ex)
+    rng = random.Random(seed)
+    out: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    for label in data.labels:
+        group = sorted(by_label.get(label, []), key=lambda e: e.text)
+        rng.shuffle(group)
+        n_test = round(len(group) * data.test_fraction)
+        n_val = round(len(group) * data.val_fraction)
+        if n_test < 1 or len(group) - n_test - n_val < 1:
+            raise DataError(
+                f"label '{label}' has {len(group)} example(s): too few to put at least one in the test split "
+                f"(data.test_fraction={data.test_fraction}) and one in train; add examples of '{label}'"
+            )
+        out["test"] += group[:n_test]
+        out["val"] += group[n_test : n_test + n_val]
+        out["train"] += group[n_test + n_val :]
+    for name in SPLITS:
+        rng.shuffle(out[name])
+    return out
+
+
+def write_split(path: Path, examples: list[Example]) -> None:
+    """Write a split with fixed keys text/label, so later stages need not know the source's column names."""
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"text": ex.text, "label": ex.label}, ensure_ascii=False) + "\n")
+
+
+def read_split(path: str | Path) -> list[Example]:
+    """Read a split written by `prepare` (already validated)."""
+    with open(path, encoding="utf-8") as f:
+        return [Example(text=row["text"], label=row["label"], line=i) for i, row in enumerate(map(json.loads, f), 1)]
+
+
+def label_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(e.label for e in examples).items()))

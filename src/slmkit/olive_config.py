@@ -1,0 +1,138 @@
+"""Typed config -> Olive workflow configs (the one place Olive's JSON schema is written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slmkit.config import Config
+
+# Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
+PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
+OLIVE_DATA_SCRIPT = Path(__file__).with_name("olive_data.py")
+
+
+def _system(cfg: Config, *, for_builder: bool = False) -> dict[str, Any]:
+    ep = cfg.builder.execution_provider if for_builder else "cpu"
+    device, provider = ("gpu", "CUDAExecutionProvider") if ep == "cuda" else ("cpu", "CPUExecutionProvider")
+    return {"type": "LocalSystem", "accelerators": [{"device": device, "execution_providers": [provider]}]}
+
+
+def _input_model(cfg: Config, model_path: str | Path, adapter_path: str | Path | None = None) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "type": "HfModel",
+        "model_path": str(model_path),
+        "task": "text-generation",
+        "load_kwargs": {"trust_remote_code": cfg.model.trust_remote_code},
+    }
+    if adapter_path is not None:
+        model["adapter_path"] = str(adapter_path)
+    return model
+
+
+def _text_data(cfg: Config, name: str, jsonl: str | Path) -> dict[str, Any]:
+    """A data config over a JSON-lines file of prompt/completion pairs rendered by slmkit.prompt.
+
+    Rendering in slmkit (not with Olive's text_template) keeps one prompt builder for training and
+    inference. The pre-processing is slmkit's Olive component (olive_data.py): loss on the completion only.
+    """
+    from slmkit.olive_data import NAME
+
+    return {
+        "name": name,
+        "type": "HuggingfaceContainer",
+        "user_script": str(OLIVE_DATA_SCRIPT),
+        "load_dataset_config": {"data_name": "json", "data_files": str(jsonl), "split": "train"},
+        "pre_process_data_config": {
+            "type": NAME,
+            "max_seq_len": cfg.model.max_length,
+            "prompt_col": PROMPT_COLUMN,
+            "completion_col": COMPLETION_COLUMN,
+            "trust_remote_code": cfg.model.trust_remote_code,
+        },
+    }
+
+
+def _workflow(
+    cfg: Config, input_model: dict, passes: dict, work_dir: Path, data_configs: list | None = None,
+    *, for_builder: bool = False,
+) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "input_model": input_model,
+        "systems": {"local_system": _system(cfg, for_builder=for_builder)},
+        "passes": passes,
+        "host": "local_system",
+        "target": "local_system",
+        "evaluate_input_model": False,
+        "log_severity_level": 1,
+        "cache_dir": str(work_dir / "cache"),
+        "output_dir": str(work_dir / "output"),
+    }
+    if data_configs:
+        config["data_configs"] = data_configs
+    return config
+
+
+def training_args(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "learning_rate": t.learning_rate,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_ratio": t.warmup_ratio,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "logging_steps": t.logging_steps,
+        "eval_strategy": "steps",
+        "eval_steps": t.eval_steps,
+        # One checkpoint at the last step: its trainer_state.json holds the loss curve.
+        "output_dir": str(checkpoint_dir),
+        "save_strategy": "steps",
+        "save_steps": t.max_steps,
+        "save_total_limit": 1,
+        "overwrite_output_dir": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+    }
+
+
+def train_workflow(
+    cfg: Config, base_path: str | Path, train_jsonl: Path, val_jsonl: Path, work_dir: Path
+) -> dict[str, Any]:
+    """Olive LoRA pass over the base model -> adapter."""
+    lo = cfg.lora
+    lora_pass = {
+        "type": "LoRA",
+        "r": lo.r,
+        "alpha": lo.alpha,
+        "lora_dropout": lo.dropout,
+        "target_modules": list(lo.target_modules),
+        "torch_dtype": cfg.train.torch_dtype,
+        "train_data_config": "train_data",
+        "eval_data_config": "val_data",
+        "training_args": training_args(cfg, work_dir / "checkpoints"),
+    }
+    data = [_text_data(cfg, "train_data", train_jsonl), _text_data(cfg, "val_data", val_jsonl)]
+    return _workflow(cfg, _input_model(cfg, base_path), {"lora": lora_pass}, work_dir, data)
+
+
+def merge_workflow(cfg: Config, base_path: str | Path, adapter_path: str | Path, work_dir: Path) -> dict[str, Any]:
+    """Olive MergeAdapterWeights: base + adapter -> one Hugging Face model."""
+    passes = {"merge": {"type": "MergeAdapterWeights"}}
+    return _workflow(cfg, _input_model(cfg, base_path, adapter_path), passes, work_dir)
+
+
+def quantize_workflow(cfg: Config, merged_path: str | Path, work_dir: Path) -> dict[str, Any]:
+    """Olive ModelBuilder: merged model -> ONNX model folder for onnxruntime-genai."""
+    b = cfg.builder
+    builder_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": b.precision}
+    if b.precision == "int4":
+        builder_pass["int4_block_size"] = b.int4_block_size
+        builder_pass["int4_accuracy_level"] = b.int4_accuracy_level
+    return _workflow(cfg, _input_model(cfg, merged_path), {"builder": builder_pass}, work_dir, for_builder=True)

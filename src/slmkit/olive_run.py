@@ -1,0 +1,56 @@
+"""Run an Olive workflow, keep its log, and check what it produced: Olive can exit 0 after a pass failed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+from slmkit.stage import StageError
+
+log = logging.getLogger(__name__)
+
+
+def _relevant_lines(log_path: Path, limit: int = 12) -> str:
+    """The lines of Olive's log that say what went wrong (errors and the last traceback line)."""
+    if not log_path.exists():
+        return "(no Olive log)"
+    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    picked = [ln for ln in lines if "ERROR" in ln or "Error" in ln or "Exception" in ln]
+    return "\n".join(f"    {ln[:300]}" for ln in (picked or lines)[-limit:])
+
+
+def run_workflow(config: dict, work_dir: Path, what: str) -> Path:
+    """Run `config` with Olive, logging to work_dir/olive.log; return Olive's output folder."""
+    from olive.workflows import run
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "olive_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    log_path = work_dir / "olive.log"
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    olive_logger = logging.getLogger("olive")
+    olive_logger.addHandler(handler)
+    log.info("running Olive %s (log: %s)", what, log_path)
+    try:
+        run(copy.deepcopy(config))  # Olive mutates the dict it is given
+    except Exception as err:
+        raise StageError(
+            f"Olive {what} failed: {type(err).__name__}: {err}\n{_relevant_lines(log_path)}\n  full log: {log_path}"
+        ) from err
+    finally:
+        olive_logger.removeHandler(handler)
+        handler.close()
+    return Path(config["output_dir"])
+
+
+def require(paths: list[Path], what: str, log_path: Path) -> None:
+    """Fail the stage if Olive did not write the expected files (it may exit 0 after a failed pass)."""
+    missing = [p for p in paths if not p.exists() or (p.is_file() and p.stat().st_size == 0)]
+    if missing:
+        names = ", ".join(str(p) for p in missing)
+        raise StageError(
+            f"Olive {what} produced no usable output (missing or empty: {names}).\n"
+            f"{_relevant_lines(log_path)}\n  full log: {log_path}"
+        )

@@ -1,0 +1,56 @@
+"""THE prompt builder: training text, inference prompt and label parsing, from one template."""
+
+from __future__ import annotations
+
+from slmkit.config import DataConfig
+
+
+def _split(template: str) -> tuple[str, str]:
+    """Template -> (prompt part with {text}, suffix after {label})."""
+    head, suffix = template.split("{label}")
+    return head, suffix
+
+
+def build_prompt(data: DataConfig, text: str) -> str:
+    """The text the model sees before it writes the label (same for training and inference)."""
+    head, _ = _split(data.template)
+    return head.replace("{text}", text)
+
+
+def build_completion(data: DataConfig, label: str, eos_token: str) -> str:
+    """What the model learns to write after the prompt: label + template suffix + EOS.
+
+    The EOS teaches the model to stop right after the label.
+    """
+    _, suffix = _split(data.template)
+    return label + suffix + eos_token
+
+
+def build_training_text(data: DataConfig, text: str, label: str, eos_token: str) -> str:
+    """Prompt + completion: one training example as plain text.
+
+    No BOS: onnxruntime-genai's tokenizer does not prepend one at inference, so neither do we here.
+    """
+    return build_prompt(data, text) + build_completion(data, label, eos_token)
+
+
+def stop_marker(data: DataConfig) -> str:
+    """What ends the label in generated text: the template's suffix, or a newline if it has none."""
+    _, suffix = _split(data.template)
+    return suffix.strip() or "\n"
+
+
+def normalize_label(data: DataConfig, value: str) -> str | None:
+    """Map a label in any case to its configured spelling; None if it is not a label."""
+    wanted = value.strip().casefold()
+    for label in data.labels:
+        if label.casefold() == wanted:
+            return label
+    return None
+
+
+def parse_output(data: DataConfig, generated: str) -> str | None:
+    """Read the label out of generated text; None when the output is not a valid label."""
+    before = generated.split(stop_marker(data), 1)[0]
+    lines = [line for line in before.splitlines() if line.strip()]
+    return normalize_label(data, lines[0]) if lines else None
