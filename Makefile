@@ -8,51 +8,73 @@ EXTRA ?= cpu
 ARGS ?=
 TEXT ?=
 PY := $(VENV)/bin/python
-ENV_STAMP := $(VENV)/.slmkit-installed
+# setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
+ENV_STAMP := $(VENV)/.slmkit-$(EXTRA)
 STAGES := prepare base train merge quantize evaluate
 
 # dvc.yaml runs `python scripts/<stage>.py`: resolve `python` and `dvc` to the locked environment.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup lock params finetune $(STAGES) classify test test-fast lint clean
+.PHONY: help env setup lock params finetune $(STAGES) classify test test-fast lint clean \
+	docker-build docker-finetune docker-test
 
 help: ## Show the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_ -]+:.*## / {printf "  %-42s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(ENV_STAMP): requirements/$(EXTRA).txt pyproject.toml scripts/setup.sh
-	scripts/setup.sh $(EXTRA) $(VENV)
+env:
+	@sha256sum --status -c $(ENV_STAMP) 2>/dev/null || scripts/setup.sh $(EXTRA) $(VENV)
 
-setup: $(ENV_STAMP) ## Create or refresh the locked environment in .venv (EXTRA=cpu|cuda)
+setup: env ## Create or refresh the locked environment in .venv (EXTRA=cpu|cuda)
 
-lock: $(ENV_STAMP) ## Re-resolve pyproject.toml into requirements/cpu.txt (pip-compile)
-	$(VENV)/bin/pip-compile --quiet --extra cpu --extra dev --strip-extras --no-emit-index-url \
-		--no-emit-find-links --no-header -o requirements/cpu.txt pyproject.toml
+PIP_COMPILE = $(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --no-header
 
-params: $(ENV_STAMP) ## Compose conf/ (+ ARGS="key=value ...") into params.yaml
+lock: env ## Re-resolve pyproject.toml into requirements/cpu.txt and requirements/cuda.txt (pip-compile)
+	$(PIP_COMPILE) --extra cpu --extra dev -o requirements/cpu.txt pyproject.toml
+	@# The CUDA lock resolves against PyPI alone: no local find-links (where a CPU torch wheel may lie).
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_CONSTRAINT= \
+		$(PIP_COMPILE) --extra cuda --extra dev -o requirements/cuda.txt pyproject.toml
+
+params: env ## Compose conf/ (+ ARGS="key=value ...") into params.yaml
 	$(PY) scripts/compose.py $(ARGS)
 
-finetune: $(ENV_STAMP) ## Run the whole pipeline: data -> LoRA -> merge -> int4 ONNX -> eval (ARGS=overrides)
+finetune: env ## Run the whole pipeline: data -> LoRA -> merge -> int4 ONNX -> eval (ARGS=overrides)
 	$(PY) scripts/compose.py $(ARGS)
 	dvc repro
 	$(PY) -m slmkit.cli summary
 
-$(STAGES): $(ENV_STAMP) ## (prepare|base|train|merge|quantize|evaluate) Run the pipeline up to this stage
+prepare base train merge quantize evaluate: env ## Run the pipeline up to this stage
 	dvc repro $@
 
-classify: $(ENV_STAMP) ## Label a phrase with the int4 model: make classify TEXT="I can't stop smiling"
+classify: env ## Label a phrase with the int4 model: make classify TEXT="I can't stop smiling"
 	@test -n "$(TEXT)" || { echo 'usage: make classify TEXT="a phrase"'; exit 2; }
 	$(PY) -m slmkit.cli classify "$(TEXT)"
 
-test: $(ENV_STAMP) ## Run the default and slow tests (the slow ones run the real pipeline)
+test: env ## Run the default and slow tests (the slow ones run the real pipeline)
 	$(PY) -m pytest -m "not gpu"
 
-test-fast: $(ENV_STAMP) ## Run the default tests only
+test-fast: env ## Run the default tests only
 	$(PY) -m pytest -m "not slow and not gpu"
 
-lint: $(ENV_STAMP) ## ruff (lint + format check)
+lint: env ## ruff (lint + format check) and hadolint (Dockerfile)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+IMAGE ?= slmkit:$(EXTRA)
+DOCKER_RUN = docker run --rm -v "$(CURDIR)":/workspace -v slmkit-hf-cache:/cache/huggingface $(IMAGE)
+
+docker-build: ## Build the image (EXTRA=cuda: CUDA 12 base; EXTRA=cpu: plain Ubuntu 22.04)
+	docker build -f docker/Dockerfile --build-arg EXTRA=$(EXTRA) \
+		$(if $(filter cpu,$(EXTRA)),--build-arg BASE_IMAGE=ubuntu:22.04 \
+		--build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu) -t $(IMAGE) .
+
+docker-finetune: ## Run `make finetune` inside the image (GPU: --gpus all)
+	docker run --rm $(if $(filter cuda,$(EXTRA)),--gpus all) -v "$(CURDIR)":/workspace \
+		-v slmkit-hf-cache:/cache/huggingface $(IMAGE) finetune EXTRA=$(EXTRA) ARGS="$(ARGS)"
+
+docker-test: ## Run `make test` inside the image
+	$(DOCKER_RUN) test EXTRA=$(EXTRA)
 
 clean: ## Remove pipeline outputs (the DVC cache keeps them: `dvc checkout` restores)
 	rm -rf artifacts metrics

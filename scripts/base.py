@@ -27,13 +27,21 @@ def run() -> None:
             texts = [build_training_text(cfg.data, e.text, e.label, "") for e in train]
             info = build_tiny_base(cfg.model.tiny, texts, [e.text for e in train], cfg.seed, out / "model")
             log.info("tiny Phi-3: %d parameters, vocab %d", info["parameters"], info["vocab_size"])
-            base = {"source": "tiny", "model_path": str(stage_dir("base") / "model"),
-                    "parameters": info["parameters"], "vocab_size": info["vocab_size"],
-                    "warmup_final_loss": round(info["warmup_loss"][-1], 4)}
+            base = {
+                "source": "tiny",
+                "model_path": str(stage_dir("base") / "model"),
+                "parameters": info["parameters"],
+                "vocab_size": info["vocab_size"],
+                "warmup_final_loss": round(info["warmup_loss"][-1], 4),
+            }
         else:
             path = hub.model_path(cfg.model)
-            base = {"source": cfg.model.source, "model_path": str(path),
-                    "hub_id": cfg.model.hub_id, "revision": cfg.model.revision}
+            base = {
+                "source": cfg.model.source,
+                "model_path": str(path),
+                "hub_id": cfg.model.hub_id,
+                "revision": cfg.model.revision,
+            }
         write_json(out / "base.json", base)
         write_json(out / "lineage.json", lineage.record("base", cfg, ("seed", "model", "data"), data_sha))
 

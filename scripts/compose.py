@@ -1,7 +1,7 @@
 """Compose conf/ with Hydra overrides, validate it, and write params.yaml (what DVC tracks).
 
-    python scripts/compose.py [override ...]      e.g.  lora.r=8 data.path=/data/other.jsonl
-    python scripts/compose.py --check             exit 1 if params.yaml is not what conf/ composes to
+python scripts/compose.py [override ...]      e.g.  lora.r=8 data.path=/data/other.jsonl
+python scripts/compose.py --check             exit 1 if params.yaml is not what conf/ composes to
 """
 
 import sys

@@ -34,8 +34,12 @@ def run() -> None:
         metrics[name], model_rows = score(name, clf, test)
         for row, new in zip(rows, model_rows, strict=True):
             row.update(new)
-        log.info("%s accuracy %.4f (invalid outputs %.1f%%)", name, metrics[name]["accuracy"],
-                 100 * metrics[name]["invalid_rate"])
+        log.info(
+            "%s accuracy %.4f (invalid outputs %.1f%%)",
+            name,
+            metrics[name]["accuracy"],
+            100 * metrics[name]["invalid_rate"],
+        )
     metrics["bag_of_words"] = bag_of_words_baseline(train, test, cfg.seed)
     log.info("bag-of-words baseline accuracy %.4f", metrics["bag_of_words"]["accuracy"])
 

@@ -1,6 +1,6 @@
 """Stage `merge`: fold the LoRA adapter into the base model with Olive's MergeAdapterWeights.
 
-    python scripts/merge.py      (reads params.yaml, artifacts/base/, artifacts/train/; writes artifacts/merge/)
+python scripts/merge.py      (reads params.yaml, artifacts/base/, artifacts/train/; writes artifacts/merge/)
 """
 
 import shutil
@@ -29,7 +29,10 @@ def run() -> None:
         for name in ("olive_config.json", "olive.log"):
             shutil.copy2(work / name, out / name)
         data_sha = read_json(stage_dir("prepare") / "manifest.json")["source"]["sha256"]
-        write_json(out / "lineage.json", lineage.record("merge", cfg, ("seed", "data", "model", "lora", "train"), data_sha))
+        write_json(
+            out / "lineage.json",
+            lineage.record("merge", cfg, ("seed", "data", "model", "lora", "train"), data_sha),
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Stage `prepare`: validate the data, drop exact repeats, split train/val/test, write a manifest.
 
-    python scripts/prepare.py        (reads params.yaml; writes artifacts/prepare/)
+python scripts/prepare.py        (reads params.yaml; writes artifacts/prepare/)
 """
 
 from slmkit import lineage
@@ -26,14 +26,21 @@ def run() -> None:
             path = out / f"{name}.jsonl"
             write_split(path, splits[name])
             manifest["splits"][name] = {
-                "file": path.name, "sha256": sha256_file(path), "count": len(splits[name]),
+                "file": path.name,
+                "sha256": sha256_file(path),
+                "count": len(splits[name]),
                 "labels": label_counts(splits[name]),
             }
         write_json(out / "manifest.json", manifest)
-        write_json(out / "lineage.json", lineage.record("prepare", cfg, ("seed", "data"), manifest["source"]["sha256"]))
+        write_json(
+            out / "lineage.json",
+            lineage.record("prepare", cfg, ("seed", "data"), manifest["source"]["sha256"]),
+        )
     log.info(
         "%d examples (%d repeats dropped): %s",
-        len(examples), repeats, ", ".join(f"{n} {len(splits[n])}" for n in SPLITS),
+        len(examples),
+        repeats,
+        ", ".join(f"{n} {len(splits[n])}" for n in SPLITS),
     )
 
 

@@ -25,7 +25,8 @@ def run() -> None:
     output = olive_run.run_workflow(workflow, work, f"ModelBuilder {cfg.builder.precision}")
     olive_run.require(
         [output / "model.onnx", output / "genai_config.json", output / "tokenizer.json"],
-        f"ModelBuilder {cfg.builder.precision}", work / "olive.log",
+        f"ModelBuilder {cfg.builder.precision}",
+        work / "olive.log",
     )
     with atomic_dir(stage_dir("quantize")) as out:
         model = out / "model"

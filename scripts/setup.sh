@@ -33,5 +33,6 @@ pip_install() {
 }
 pip_install -r "$lock"
 pip_install --no-deps --no-build-isolation -e .
-sha256sum "$lock" pyproject.toml > "$venv/.slmkit-installed"
+# The Makefile compares these hashes (sha256sum -c) to decide whether to run this script again.
+sha256sum "$lock" pyproject.toml scripts/setup.sh > "$venv/.slmkit-$extra"
 echo ">> environment ready: $venv ($extra)"

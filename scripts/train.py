@@ -57,8 +57,11 @@ def run() -> None:
     workflow = olive_config.train_workflow(cfg, base_path, work / "train_text.jsonl", work / "val_text.jsonl", work)
     output = olive_run.run_workflow(workflow, work, "LoRA training")
     adapter = output / "adapter"
-    olive_run.require([adapter / "adapter_config.json", adapter / "adapter_model.safetensors"],
-                      "LoRA training", work / "olive.log")
+    olive_run.require(
+        [adapter / "adapter_config.json", adapter / "adapter_model.safetensors"],
+        "LoRA training",
+        work / "olive.log",
+    )
     states = sorted((work / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     if not states:
         raise StageError(f"Olive LoRA training left no trainer_state.json under {work / 'checkpoints'}")
@@ -69,17 +72,25 @@ def run() -> None:
         for name in ("olive_config.json", "olive.log"):
             shutil.copy2(work / name, out / name)
         data_sha = read_json(stage_dir("prepare") / "manifest.json")["source"]["sha256"]
-        write_json(out / "lineage.json",
-                   lineage.record("train", cfg, ("seed", "data", "model", "lora", "train"), data_sha))
+        write_json(
+            out / "lineage.json",
+            lineage.record("train", cfg, ("seed", "data", "model", "lora", "train"), data_sha),
+        )
         LOSS_CSV.parent.mkdir(parents=True, exist_ok=True)
         tmp = LOSS_CSV.with_name(f".{LOSS_CSV.name}.tmp")
-        tmp.write_text("step,loss,eval_loss\n" + "".join(
-            f"{r['step']},{r['loss']},{r['eval_loss']}\n" for r in curve), encoding="utf-8")
+        tmp.write_text(
+            "step,loss,eval_loss\n" + "".join(f"{r['step']},{r['loss']},{r['eval_loss']}\n" for r in curve),
+            encoding="utf-8",
+        )
         tmp.replace(LOSS_CSV)
     shutil.rmtree(work, ignore_errors=True)
     last = [r for r in curve if r["loss"] != ""][-1]
     evals = [r for r in curve if r["eval_loss"] != ""]
-    log.info("adapter written; final train loss %s, eval loss %s", last["loss"], evals[-1]["eval_loss"] if evals else "-")
+    log.info(
+        "adapter written; final train loss %s, eval loss %s",
+        last["loss"],
+        evals[-1]["eval_loss"] if evals else "-",
+    )
 
 
 if __name__ == "__main__":

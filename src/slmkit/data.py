@@ -55,7 +55,8 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
     examples: list[Example] = []
     seen: dict[str, Example] = {}
     repeats = 0
-    for lineno, line in enumerate(content.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which are legal inside JSON strings.
+    for lineno, line in enumerate(content.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -88,8 +89,9 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
             )
         label = normalize_label(data, label_raw)
         if label is None:
-            close = get_close_matches(label_raw, data.labels, n=1, cutoff=0.6)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            folded = {label.casefold(): label for label in data.labels}
+            close = get_close_matches(label_raw.strip().casefold(), list(folded), n=1, cutoff=0.6)
+            hint = f" Did you mean '{folded[close[0]]}'?" if close else ""
             raise DataError(
                 f"{where}: unknown label '{label_raw}'; allowed: {', '.join(data.labels)} "
                 f"(config key data.labels).{hint}"
@@ -108,14 +110,14 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
         seen[key] = ex
         examples.append(ex)
     if not examples:
-        raise DataError(f"{path}: no examples (the file is empty); add JSON lines like "
-                        f'{{"{data.text_column}": "...", "{data.label_column}": "{data.labels[0]}"}}')
+        raise DataError(
+            f"{path}: no examples (the file is empty); add JSON lines like "
+            f'{{"{data.text_column}": "...", "{data.label_column}": "{data.labels[0]}"}}'
+        )
     return examples, repeats
 
 
-def split_examples(
-    examples: list[Example], data: DataConfig, seed: int
-) -> dict[str, list[Example]]:
+def split_examples(examples: list[Example], data: DataConfig, seed: int) -> dict[str, list[Example]]:
     """Stratified, deterministic train/val/test split (same input + seed => same split)."""
     by_label: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
@@ -127,10 +129,11 @@ def split_examples(
         rng.shuffle(group)
         n_test = round(len(group) * data.test_fraction)
         n_val = round(len(group) * data.val_fraction)
-        if n_test < 1 or len(group) - n_test - n_val < 1:
+        if n_test < 1 or n_val < 1 or len(group) - n_test - n_val < 1:
             raise DataError(
-                f"label '{label}' has {len(group)} example(s): too few to put at least one in the test split "
-                f"(data.test_fraction={data.test_fraction}) and one in train; add examples of '{label}'"
+                f"label '{label}' has {len(group)} example(s): too few to put at least one in each of train, val "
+                f"(data.val_fraction={data.val_fraction}) and test (data.test_fraction={data.test_fraction}); "
+                f"add examples of '{label}'"
             )
         out["test"] += group[:n_test]
         out["val"] += group[n_test : n_test + n_val]

@@ -28,9 +28,7 @@ def model_path(model: ModelConfig) -> Path:
     from huggingface_hub.utils import HfHubHTTPError
 
     try:
-        return Path(
-            snapshot_download(repo_id=model.hub_id, revision=model.revision, allow_patterns=ALLOW_PATTERNS)
-        )
+        return Path(snapshot_download(repo_id=model.hub_id, revision=model.revision, allow_patterns=ALLOW_PATTERNS))
     except LocalEntryNotFoundError:
         raise StageError(
             f"model {model.hub_id}@{model.revision} is not in the Hugging Face cache and the hub cannot be reached "

@@ -79,8 +79,11 @@ class TorchModel:
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         with self._torch.no_grad():
             out = self.model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id, stop_strings=[stop] if stop else None,
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                stop_strings=[stop] if stop else None,
                 tokenizer=self.tokenizer,
             )
         return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

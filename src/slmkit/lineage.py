@@ -12,8 +12,16 @@ from pathlib import Path
 from slmkit.config import Config, section_hash
 
 PACKAGES = (
-    "torch", "transformers", "peft", "olive-ai", "onnxruntime", "onnxruntime-genai", "onnx",
-    "datasets", "dvc", "hydra-core",
+    "torch",
+    "transformers",
+    "peft",
+    "olive-ai",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "onnx",
+    "datasets",
+    "dvc",
+    "hydra-core",
 )
 LOCK_FILES = (Path("requirements/cpu.txt"), Path("requirements/cuda.txt"))
 
@@ -53,9 +61,7 @@ def record(stage: str, cfg: Config, sections: tuple[str, ...], data_sha256: str 
         "data_sha256": data_sha256,
         "config_sections": list(sections),
         "config_sha256": section_hash(cfg, *sections),
-        "lock_sha256": {
-            str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in LOCK_FILES if p.exists()
-        },
+        "lock_sha256": {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in LOCK_FILES if p.exists()},
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "packages": _versions(),

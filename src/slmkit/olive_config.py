@@ -54,8 +54,13 @@ def _text_data(cfg: Config, name: str, jsonl: str | Path) -> dict[str, Any]:
 
 
 def _workflow(
-    cfg: Config, input_model: dict, passes: dict, work_dir: Path, data_configs: list | None = None,
-    *, for_builder: bool = False,
+    cfg: Config,
+    input_model: dict,
+    passes: dict,
+    work_dir: Path,
+    data_configs: list | None = None,
+    *,
+    for_builder: bool = False,
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
         "input_model": input_model,
@@ -85,7 +90,9 @@ def training_args(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
         "gradient_checkpointing": t.gradient_checkpointing,
         "lr_scheduler_type": t.lr_scheduler_type,
-        "warmup_ratio": t.warmup_ratio,
+        # transformers 5 dropped `warmup_ratio`; a float < 1 in `warmup_steps` is the fraction of steps.
+        # (Olive silently drops fields TrainingArguments does not know, so the old name would be ignored.)
+        "warmup_steps": t.warmup_ratio,
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
         "logging_steps": t.logging_steps,

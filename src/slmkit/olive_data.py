@@ -27,8 +27,13 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, max_len: int) -> dict
 
 @Registry.register_pre_process(NAME)
 def completion_pre_process(
-    dataset, model_name: str, max_seq_len: int, prompt_col: str = "prompt", completion_col: str = "completion",
-    trust_remote_code: bool | None = None, **kwargs,
+    dataset,
+    model_name: str,
+    max_seq_len: int,
+    prompt_col: str = "prompt",
+    completion_col: str = "completion",
+    trust_remote_code: bool | None = None,
+    **kwargs,
 ):
     from datasets import Dataset as HFDataset
     from transformers import AutoTokenizer

@@ -28,7 +28,9 @@ def stage_dir(stage: str) -> Path:
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
     # Olive sends anonymous usage data at exit unless told not to; it also costs seconds per stage.

@@ -1,0 +1,363 @@
+"""conf/ composes and validates; params.yaml stays in sync; user mistakes are ConfigErrors naming the key."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from slmkit.config import (
+    CONF_DIR,
+    PARAMS_HEADER,
+    Config,
+    ConfigError,
+    compose,
+    load_params,
+    section_hash,
+    to_dict,
+    to_yaml,
+    validate,
+)
+from slmkit.stage import STAGES, stage_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_SCRIPT = REPO_ROOT / "scripts" / "compose.py"
+
+# Every option file of every config group, found on disk: a new file is tested without editing this module.
+GROUP_FILES = sorted(CONF_DIR.glob("*/*.yaml"))
+
+
+def _get(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _load_compose_script():
+    spec = importlib.util.spec_from_file_location("slmkit_compose_script", COMPOSE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_compose(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(COMPOSE_SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+# --- conf/ composes -------------------------------------------------------------------------------
+
+
+def test_conf_dir_is_the_repo_conf():
+    assert CONF_DIR.resolve() == (REPO_ROOT / "conf").resolve()
+    assert GROUP_FILES, "no option files found under conf/<group>/"
+
+
+@pytest.mark.parametrize("option_file", GROUP_FILES, ids=[f"{p.parent.name}={p.stem}" for p in GROUP_FILES])
+def test_every_group_option_composes(option_file: Path):
+    group, name = option_file.parent.name, option_file.stem
+    cfg = compose([f"{group}={name}"])
+    assert isinstance(cfg, Config)
+    # The composed section is the chosen file (plus schema defaults for keys the file leaves out).
+    section = to_dict(cfg)[group]
+    for key, value in OmegaConf.to_container(OmegaConf.load(option_file)).items():
+        assert section[key] == value, f"{group}.{key} does not come from {option_file}"
+
+
+def test_default_config_is_typed(cfg: Config):
+    # conf/ may write 32 for a float: the typed config converts it.
+    assert isinstance(cfg.lora.r, int)
+    assert isinstance(cfg.lora.alpha, float)
+    assert isinstance(cfg.train.learning_rate, float)
+    assert all(isinstance(label, str) for label in cfg.data.labels)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("lora.r=8", "lora.r", 8),
+        ("train.learning_rate=0.0005", "train.learning_rate", 0.0005),
+        ("seed=7", "seed", 7),
+        ("data.labels=[a,b,c]", "data.labels", ["a", "b", "c"]),
+        ("builder=fp32_cpu", "builder.precision", "fp32"),
+    ],
+)
+def test_overrides_pass_through(override: str, key: str, value, cfg: Config):
+    composed = to_dict(compose([override]))
+    assert _get(composed, key) == value
+    # Everything else is unchanged.
+    before, after = to_dict(cfg), composed
+    section = key.split(".")[0]
+    for other in before:
+        if other != section:
+            assert after[other] == before[other]
+
+
+def test_compose_and_validate_are_fast(cfg: Config):
+    compose()  # warm Hydra's imports
+    start = time.perf_counter()
+    compose(["lora.r=8"])
+    compose_s = time.perf_counter() - start
+    raw = to_dict(cfg)
+    start = time.perf_counter()
+    for _ in range(10):
+        validate(raw)
+    validate_s = (time.perf_counter() - start) / 10
+    assert compose_s < 3.0, f"compose took {compose_s:.2f} s"
+    assert validate_s < 0.5, f"validate took {validate_s:.3f} s"
+
+
+# --- user mistakes: ConfigError naming the key -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["+lora.foo=1"], "lora.foo"),
+        (["lora.foo=1"], "lora.foo"),
+        (["lora.r=abc"], "lora.r"),
+        (["lora.r=0"], "lora.r"),
+        (["lora.dropout=1.0"], "lora.dropout"),
+        (["data.labels=[]"], "data.labels"),
+        (["data.val_fraction=0.5", "data.test_fraction=0.5"], "val_fraction"),
+        (["builder=fp16_cuda", "builder.execution_provider=cpu"], "builder"),
+        (["builder=fp32_cpu", "builder.int4_block_size=32"], "builder.int4_block_size"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_bad_override_is_config_error_naming_the_key(overrides: list[str], key: str):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert key in str(err.value)
+
+
+# The same rules through validate() (what load_params uses): cheaper than a Hydra compose per case.
+@pytest.mark.parametrize(
+    ("dotlist", "key"),
+    [
+        (["seed=1.5"], "seed"),
+        (["lora.dropout=high"], "lora.dropout"),
+        (["lora.r=-4"], "lora.r"),
+        (["lora.alpha=0"], "lora.alpha"),
+        (["lora.dropout=-0.1"], "lora.dropout"),
+        (["lora.target_modules=[]"], "lora.target_modules"),
+        (["lora.method=dora"], "lora.method"),
+        (["data.labels=[only]"], "data.labels"),
+        (["data.labels=[a,A]"], "data.labels"),
+        (["data.labels=[a,' ']"], "data.labels"),
+        (["data.max_chars=0"], "data.max_chars"),
+        (["data.val_fraction=0"], "data.val_fraction"),
+        (["data.test_fraction=1"], "data.test_fraction"),
+        (["data.val_fraction=0.6", "data.test_fraction=0.6"], "test_fraction"),
+        (["model.source=somewhere"], "model.source"),
+        (["model.source=hub"], "model.hub_id"),
+        (["model.source=hub", "model.hub_id=org/model"], "model.revision"),
+        (["model.source=local"], "model.path"),
+        (["model.source=tiny", "model.tiny=null"], "model.tiny"),
+        (["model.max_length=4"], "model.max_length"),
+        (["train.learning_rate=0"], "train.learning_rate"),
+        (["train.max_steps=0"], "train.max_steps"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.torch_dtype=float8"], "train.torch_dtype"),
+        (["builder.precision=int3"], "builder.precision"),
+        (["builder.execution_provider=tpu"], "builder.execution_provider"),
+        (["builder.int4_block_size=33"], "builder.int4_block_size"),
+        (["builder.int4_accuracy_level=5"], "builder.int4_accuracy_level"),
+        (["evaluate.max_new_tokens=0"], "evaluate.max_new_tokens"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_bad_value_is_config_error_naming_the_key(cfg: Config, dotlist: list[str], key: str):
+    raw = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(dotlist))
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    assert key in str(err.value)
+
+
+def test_fp16_on_cpu_message_says_why():
+    with pytest.raises(ConfigError, match="fp16") as err:
+        compose(["builder=fp16_cuda", "builder.execution_provider=cpu"])
+    assert "cpu" in str(err.value).lower()
+
+
+def test_fp16_on_cuda_is_allowed():
+    cfg = compose(["builder=fp16_cuda"])
+    assert (cfg.builder.precision, cfg.builder.execution_provider) == ("fp16", "cuda")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "named"),
+    [
+        (None, "foo", 1, "foo"),
+        ("lora", "foo", 1, "lora.foo"),
+        ("train", "learning_rte", 0.1, "train.learning_rte"),
+        ("lora", "r", "abc", "lora.r"),
+        ("lora", "r", 0, "lora.r"),
+        ("data", "labels", [], "data.labels"),
+        ("data", "template", "{text} without a label", "data.template"),
+        ("data", "template", "{label} before {text}", "data.template"),
+        ("data", "template", "no placeholders {label}", "data.template"),
+        ("data", "template", "{text} {label} {label}", "data.template"),
+    ],
+)
+def test_validate_names_the_bad_key(cfg: Config, section, key, value, named):
+    raw = to_dict(cfg)
+    (raw[section] if section else raw)[key] = value
+    with pytest.raises(ConfigError) as err:
+        validate(raw, source="my.yaml")
+    assert named in str(err.value)
+    assert "my.yaml" in str(err.value)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_validate_accepts_its_own_output(cfg: Config):
+    assert validate(to_dict(cfg)) == cfg
+
+
+def test_section_hash_tracks_only_the_named_sections(cfg: Config):
+    other = compose(["lora.r=8"])
+    assert section_hash(cfg, "data") == section_hash(other, "data")
+    assert section_hash(cfg, "lora") != section_hash(other, "lora")
+    assert section_hash(cfg, "data", "lora") != section_hash(other, "data", "lora")
+    assert section_hash(cfg, "lora") == section_hash(compose(), "lora")
+
+
+# --- params.yaml ----------------------------------------------------------------------------------
+
+
+def _committed_params() -> str:
+    """params.yaml as committed (HEAD); the working copy when params.yaml is not committed yet.
+
+    `make finetune ARGS=...` rewrites the working copy on purpose, so the check reads git's copy.
+    """
+    shown = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    if shown.returncode == 0:
+        return shown.stdout
+    return (REPO_ROOT / "params.yaml").read_text(encoding="utf-8")
+
+
+def test_committed_params_yaml_is_what_conf_composes_to():
+    assert _committed_params() == to_yaml(compose()), "params.yaml is stale: run `make params` and commit it"
+
+
+def test_compose_check_passes_on_a_fresh_params_yaml(tmp_path: Path):
+    shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "params.yaml").write_text(to_yaml(compose()), encoding="utf-8")
+    assert _run_compose("--check", cwd=tmp_path).returncode == 0
+
+
+def test_params_yaml_round_trip(cfg: Config, tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    assert path.read_text(encoding="utf-8").startswith(PARAMS_HEADER)
+    assert load_params(path) == cfg
+
+
+def test_load_params_missing_file_says_how_to_fix(tmp_path: Path):
+    with pytest.raises(ConfigError, match="make params"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_load_params_invalid_file_names_file_and_key(cfg: Config, tmp_path: Path):
+    raw = to_dict(cfg)
+    raw["lora"]["dropout"] = 1.5
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(path) in str(err.value)
+    assert "lora.dropout" in str(err.value)
+
+
+@pytest.fixture
+def tmp_repo(tmp_path: Path) -> Path:
+    """A throwaway working directory with the compose script (conf/ is read from the package's CONF_DIR)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(COMPOSE_SCRIPT, tmp_path / "scripts" / "compose.py")
+    return tmp_path
+
+
+def test_check_fails_on_stale_params_and_leaves_it_alone(tmp_repo: Path):
+    stale = to_yaml(compose(["lora.r=8"]))
+    (tmp_repo / "params.yaml").write_text(stale, encoding="utf-8")
+    result = _run_compose("--check", cwd=tmp_repo)
+    assert result.returncode == 1
+    assert "stale" in result.stderr
+    assert (tmp_repo / "params.yaml").read_text(encoding="utf-8") == stale
+
+
+def test_check_passes_on_fresh_params(tmp_repo: Path, cfg: Config, monkeypatch):
+    (tmp_repo / "params.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    monkeypatch.chdir(tmp_repo)
+    assert _load_compose_script().main(["--check"]) == 0
+
+
+def test_check_fails_without_params(tmp_repo: Path, monkeypatch):
+    monkeypatch.chdir(tmp_repo)
+    assert _load_compose_script().main(["--check"]) == 1
+    assert not (tmp_repo / "params.yaml").exists()
+
+
+def test_compose_script_writes_overrides(tmp_repo: Path, monkeypatch):
+    monkeypatch.chdir(tmp_repo)
+    script = _load_compose_script()
+    assert script.main(["lora.r=8"]) == 0
+    assert load_params(tmp_repo / "params.yaml").lora.r == 8
+    # Idempotent, and --check agrees with the same overrides.
+    assert script.main(["lora.r=8"]) == 0
+    assert script.main(["--check", "lora.r=8"]) == 0
+    assert script.main(["--check"]) == 1
+
+
+def test_compose_script_refuses_bad_override(tmp_repo: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_repo)
+    assert _load_compose_script().main(["lora.r=0"]) == 1
+    assert "lora.r" in capsys.readouterr().err
+    assert not (tmp_repo / "params.yaml").exists()
+
+
+# --- dvc.yaml reads params that exist ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def test_dvc_stages_are_the_pipeline_stages(dvc_stages: dict):
+    assert tuple(dvc_stages) == STAGES
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_stage_runs_its_script_and_outputs_its_dir(stage: str, dvc_stages: dict):
+    spec = dvc_stages[stage]
+    script = f"scripts/{stage}.py"
+    assert spec["cmd"] == f"python {script}"
+    assert (REPO_ROOT / script).is_file()
+    assert script in spec["deps"]
+    assert str(stage_dir(stage)) in spec["outs"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_stage_params_exist_in_config(stage: str, dvc_stages: dict, cfg: Config):
+    composed = to_dict(cfg)
+    for key in dvc_stages[stage].get("params", []):
+        assert isinstance(key, str)
+        try:
+            _get(composed, key)
+        except (KeyError, TypeError):
+            pytest.fail(f"dvc.yaml stage {stage} lists param {key!r}, which is not in the config")

@@ -1,0 +1,332 @@
+"""Config -> Olive workflow configs that Olive itself accepts; the completion-only data component."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+from olive.data.constants import IGNORE_INDEX
+from olive.hardware.accelerator import AcceleratorSpec
+from olive.package_config import OlivePackageConfig
+from olive.workflows.run.config import RunConfig
+
+from slmkit import olive_config
+from slmkit.config import Config, compose
+from slmkit.olive_data import NAME as PRE_PROCESS_NAME
+from slmkit.olive_data import tokenize_pair
+from slmkit.prompt import build_completion, build_prompt
+
+# Builder variants the config allows, to check each produces a valid ModelBuilder config.
+BUILDER_VARIANTS = {
+    "default": [],
+    "fp32_cpu": ["builder=fp32_cpu"],
+    "fp16_cuda": ["builder=fp16_cuda"],
+    "int4_cuda": ["builder=int4_cuda"],
+}
+
+
+@pytest.fixture(scope="module")
+def olive_passes():
+    return OlivePackageConfig.load_default_config()
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "base": tmp_path / "base",
+        "adapter": tmp_path / "adapter",
+        "merged": tmp_path / "merged",
+        "train": tmp_path / "train_text.jsonl",
+        "val": tmp_path / "val_text.jsonl",
+        "work": tmp_path / "work",
+    }
+
+
+def _workflows(cfg: Config, paths: dict[str, Path]) -> dict[str, dict]:
+    return {
+        "train": olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"]),
+        "merge": olive_config.merge_workflow(cfg, paths["base"], paths["adapter"], paths["work"]),
+        "quantize": olive_config.quantize_workflow(cfg, paths["merged"], paths["work"]),
+    }
+
+
+def _only_pass(workflow: dict) -> dict:
+    assert len(workflow["passes"]) == 1
+    return next(iter(workflow["passes"].values()))
+
+
+def _accelerator(workflow: dict) -> AcceleratorSpec:
+    acc = workflow["systems"][workflow["host"]]["accelerators"][0]
+    return AcceleratorSpec(accelerator_type=acc["device"], execution_provider=acc["execution_providers"][0])
+
+
+def _olive_pass_config(workflow: dict, olive_passes):
+    """Validate the workflow with Olive's RunConfig, then its pass with the pass's own config class."""
+    run = RunConfig.parse_file_or_obj(copy.deepcopy(workflow))
+    (name,) = run.passes
+    run_pass = run.passes[name][0]
+    pass_cls = olive_passes.import_pass_module(run_pass.type)
+    accelerator = _accelerator(workflow)
+    # Olive only warns about (and drops) parameters its pass does not know: fail on them here.
+    known = set(pass_cls.default_config(accelerator))
+    unknown = set(_only_pass(workflow)) - {"type"} - known
+    assert not unknown, f"{pass_cls.__name__} does not know {sorted(unknown)}: Olive would ignore them"
+    return pass_cls.generate_config(accelerator, run_pass.config, {}, True)
+
+
+# --- the passes carry the config ------------------------------------------------------------------
+
+
+def test_train_workflow_lora_pass(cfg: Config, paths):
+    workflow = olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"])
+    lora = _only_pass(workflow)
+    assert lora["type"] == "LoRA"
+    assert lora["r"] == cfg.lora.r
+    assert lora["alpha"] == cfg.lora.alpha
+    assert lora["lora_dropout"] == cfg.lora.dropout
+    assert lora["target_modules"] == list(cfg.lora.target_modules)
+    assert lora["torch_dtype"] == cfg.train.torch_dtype
+    args = lora["training_args"]
+    assert args["learning_rate"] == cfg.train.learning_rate
+    assert args["max_steps"] == cfg.train.max_steps
+    assert args["seed"] == cfg.seed
+    assert args["per_device_train_batch_size"] == cfg.train.batch_size
+    assert Path(args["output_dir"]).is_relative_to(paths["work"])
+    assert workflow["input_model"]["model_path"] == str(paths["base"])
+    assert Path(workflow["output_dir"]).is_relative_to(paths["work"])
+    assert Path(workflow["cache_dir"]).is_relative_to(paths["work"])
+
+
+def test_train_workflow_follows_overrides(paths):
+    cfg = compose(
+        [
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.dropout=0.2",
+            "lora.target_modules=[o_proj]",
+            "train.learning_rate=0.0005",
+            "train.max_steps=7",
+            "seed=3",
+        ]
+    )
+    lora = _only_pass(olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"]))
+    assert (lora["r"], lora["alpha"], lora["lora_dropout"], lora["target_modules"]) == (
+        4,
+        8.0,
+        0.2,
+        ["o_proj"],
+    )
+    args = lora["training_args"]
+    assert (args["learning_rate"], args["max_steps"], args["seed"]) == (0.0005, 7, 3)
+
+
+def test_train_workflow_data_configs(cfg: Config, paths):
+    workflow = olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"])
+    lora = _only_pass(workflow)
+    by_name = {d["name"]: d for d in workflow["data_configs"]}
+    assert by_name[lora["train_data_config"]]["load_dataset_config"]["data_files"] == str(paths["train"])
+    assert by_name[lora["eval_data_config"]]["load_dataset_config"]["data_files"] == str(paths["val"])
+    for data in by_name.values():
+        assert Path(data["user_script"]).is_file()
+        assert Path(data["user_script"]).resolve() == olive_config.OLIVE_DATA_SCRIPT.resolve()
+        pre = data["pre_process_data_config"]
+        assert pre["type"] == PRE_PROCESS_NAME
+        assert pre["max_seq_len"] == cfg.model.max_length
+        assert (pre["prompt_col"], pre["completion_col"]) == (
+            olive_config.PROMPT_COLUMN,
+            olive_config.COMPLETION_COLUMN,
+        )
+
+
+def test_merge_workflow(cfg: Config, paths):
+    workflow = olive_config.merge_workflow(cfg, paths["base"], paths["adapter"], paths["work"])
+    assert _only_pass(workflow)["type"] == "MergeAdapterWeights"
+    assert workflow["input_model"]["model_path"] == str(paths["base"])
+    assert workflow["input_model"]["adapter_path"] == str(paths["adapter"])
+
+
+@pytest.mark.parametrize("variant", BUILDER_VARIANTS)
+def test_quantize_workflow(variant: str, paths):
+    cfg = compose(BUILDER_VARIANTS[variant])
+    workflow = olive_config.quantize_workflow(cfg, paths["merged"], paths["work"])
+    builder = _only_pass(workflow)
+    assert builder["type"] == "ModelBuilder"
+    assert builder["precision"] == cfg.builder.precision
+    assert workflow["input_model"]["model_path"] == str(paths["merged"])
+    if cfg.builder.precision == "int4":
+        assert builder["int4_block_size"] == cfg.builder.int4_block_size
+        assert builder["int4_accuracy_level"] == cfg.builder.int4_accuracy_level
+    else:
+        assert not any(key.startswith("int4") for key in builder)
+    provider = _accelerator(workflow).execution_provider
+    assert provider.lower().startswith(cfg.builder.execution_provider)
+
+
+def test_training_and_merge_run_on_cpu_whatever_the_builder(paths):
+    cfg = compose(BUILDER_VARIANTS["fp16_cuda"])
+    workflows = _workflows(cfg, paths)
+    assert _accelerator(workflows["train"]).execution_provider == "CPUExecutionProvider"
+    assert _accelerator(workflows["merge"]).execution_provider == "CPUExecutionProvider"
+    assert _accelerator(workflows["quantize"]).execution_provider == "CUDAExecutionProvider"
+
+
+# --- Olive accepts the configs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", BUILDER_VARIANTS)
+@pytest.mark.parametrize("stage", ["train", "merge", "quantize"])
+def test_workflow_validates_with_olive(stage: str, variant: str, paths, olive_passes):
+    workflow = _workflows(compose(BUILDER_VARIANTS[variant]), paths)[stage]
+    json.dumps(workflow)  # written to olive_config.json by the stage
+    _olive_pass_config(workflow, olive_passes)
+
+
+def test_olive_rejects_a_broken_config(cfg: Config, paths, olive_passes):
+    """The validation above has teeth: a missing user_script and a bad pass value are caught."""
+    workflow = _workflows(cfg, paths)["train"]
+    broken = copy.deepcopy(workflow)
+    broken["data_configs"][0]["user_script"] = str(paths["work"] / "missing.py")
+    with pytest.raises(ValueError):
+        RunConfig.parse_file_or_obj(broken)
+    broken = copy.deepcopy(workflow)
+    broken["passes"]["lora"]["r"] = "sixteen"
+    with pytest.raises(ValueError):
+        _olive_pass_config(broken, olive_passes)
+    broken = copy.deepcopy(workflow)
+    broken["passes"]["lora"]["dropout"] = 0.1
+    with pytest.raises(AssertionError, match="dropout"):
+        _olive_pass_config(broken, olive_passes)
+
+
+@pytest.fixture(scope="module")
+def olive_training_args(_composed: Config, tmp_path_factory, olive_passes):
+    """transformers.TrainingArguments exactly as Olive's LoRA pass builds them from our config."""
+    work = tmp_path_factory.mktemp("olive")
+    workflow = olive_config.train_workflow(_composed, work / "base", work / "t.jsonl", work / "v.jsonl", work)
+    return _olive_pass_config(workflow, olive_passes).training_args.create_training_args()
+
+
+def test_olive_training_args_carry_the_config(olive_training_args, cfg: Config):
+    args, t = olive_training_args, cfg.train
+    assert args.learning_rate == t.learning_rate
+    assert args.max_steps == t.max_steps
+    assert args.seed == cfg.seed
+    assert args.data_seed == cfg.seed
+    assert args.per_device_train_batch_size == t.batch_size
+    assert args.per_device_eval_batch_size == t.batch_size
+    assert args.gradient_accumulation_steps == t.gradient_accumulation_steps
+    assert args.lr_scheduler_type == t.lr_scheduler_type
+    assert args.weight_decay == t.weight_decay
+    assert args.max_grad_norm == t.max_grad_norm
+    assert args.logging_steps == t.logging_steps
+    assert args.eval_steps == t.eval_steps
+    # One checkpoint, at the last step (its trainer_state.json holds the loss curve).
+    assert args.save_steps == t.max_steps
+    assert args.save_total_limit == 1
+
+
+def test_olive_training_args_carry_warmup(olive_training_args, cfg: Config):
+    assert cfg.train.warmup_ratio > 0
+    expected = math.ceil(cfg.train.max_steps * cfg.train.warmup_ratio)
+    assert olive_training_args.get_warmup_steps(cfg.train.max_steps) == expected
+
+
+def test_lora_targets_exist_in_the_tiny_model(cfg: Config):
+    if cfg.model.source != "tiny":
+        pytest.skip("the default model is not the tiny one")
+    import torch
+
+    from slmkit.tiny import build_model
+
+    tiny = cfg.model.tiny
+    with torch.device("meta"):
+        model = build_model(tiny, vocab_size=tiny.vocab_size, eos_id=0)
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = set(cfg.lora.target_modules) - linear
+    assert not missing, f"lora.target_modules {sorted(missing)} are not linear layers of the model ({sorted(linear)})"
+
+
+# --- olive_data: loss on the completion only ------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tiny_tokenizer, data_cfg):
+    text = "The letter never came and the house feels empty."
+    prompt = build_prompt(data_cfg, text)
+    completion = build_completion(data_cfg, data_cfg.labels[0], tiny_tokenizer.eos_token)
+    p = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tiny_tokenizer(completion, add_special_tokens=False)["input_ids"]
+    assert len(p) > 4 and c
+    return prompt, completion, p, c
+
+
+def test_ignore_index_is_what_the_loss_ignores():
+    import torch
+
+    assert torch.nn.CrossEntropyLoss().ignore_index == IGNORE_INDEX
+
+
+def test_tokenize_pair_masks_the_prompt(tiny_tokenizer, pair):
+    prompt, completion, p, c = pair
+    out = tokenize_pair(tiny_tokenizer, prompt, completion, max_len=len(p) + len(c) + 10)
+    assert out["input_ids"] == p + c
+    assert out["labels"] == [IGNORE_INDEX] * len(p) + c
+    assert out["attention_mask"] == [1] * (len(p) + len(c))
+
+
+def test_tokenize_pair_exact_fit_is_not_truncated(tiny_tokenizer, pair):
+    prompt, completion, p, c = pair
+    assert tokenize_pair(tiny_tokenizer, prompt, completion, max_len=len(p) + len(c))["input_ids"] == p + c
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3])
+def test_tokenize_pair_truncates_the_prompt_start(tiny_tokenizer, pair, keep: int):
+    prompt, completion, p, c = pair
+    out = tokenize_pair(tiny_tokenizer, prompt, completion, max_len=len(c) + keep)
+    assert len(out["input_ids"]) == len(c) + keep
+    assert out["input_ids"] == p[len(p) - keep :] + c
+    assert out["labels"] == [IGNORE_INDEX] * keep + c
+    assert len(out["attention_mask"]) == len(out["input_ids"])
+
+
+def test_tokenize_pair_has_no_bos(tiny_tokenizer, pair):
+    prompt, completion, p, _ = pair
+    out = tokenize_pair(tiny_tokenizer, prompt, completion, max_len=1000)
+    assert out["input_ids"][: len(p)] == p
+    assert out["input_ids"].count(tiny_tokenizer.eos_token_id) == 1
+
+
+def test_olive_loads_the_rendered_data_through_our_component(cfg: Config, tiny_tokenizer, tmp_path, monkeypatch):
+    """Olive's own LoRA data path (user_script -> registered pre-process -> dataset) on a tiny file."""
+    import datasets.config
+    from olive.passes.pytorch.train_utils import get_training_dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    base = tmp_path / "base"
+    tiny_tokenizer.save_pretrained(base)
+    pairs = [
+        (
+            build_prompt(cfg.data, f"phrase number {i}"),
+            build_completion(cfg.data, label, tiny_tokenizer.eos_token),
+        )
+        for i, label in enumerate(cfg.data.labels)
+    ]
+    for split in ("train", "val"):
+        with open(tmp_path / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for prompt, completion in pairs:
+                row = {olive_config.PROMPT_COLUMN: prompt, olive_config.COMPLETION_COLUMN: completion}
+                f.write(json.dumps(row) + "\n")
+    workflow = olive_config.train_workflow(cfg, base, tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path)
+    run = RunConfig.parse_file_or_obj(copy.deepcopy(workflow))
+    train_name = _only_pass(workflow)["train_data_config"]
+    (data_config,) = [d for d in run.data_configs if d.name == train_name]
+    dataset = get_training_dataset(data_config)
+    assert len(dataset) == len(pairs)
+    for i, (prompt, completion) in enumerate(pairs):
+        expected = tokenize_pair(tiny_tokenizer, prompt, completion, cfg.model.max_length)
+        row = dataset[i]
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert row[key].tolist() == expected[key], key

@@ -1,0 +1,171 @@
+"""Slow tier: the real pipeline end to end on the tiny model, in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slmkit.config import compose
+from slmkit.data import sha256_file
+from slmkit.stage import STAGES
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.prefix)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env['PATH']}"
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OLIVE_DISABLE_TELEMETRY="1")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    # VENV: the environment running this test. The copy has the same lock, so make does not reinstall.
+    return _run(["make", target, f"VENV={VENV}", *args], cwd)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A fresh git checkout-like copy of the repo (tracked + new files, no outputs), pipeline run once."""
+    ws = tmp_path_factory.mktemp("repo")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        src = REPO_ROOT / rel
+        if src.is_file() and not rel.startswith(("artifacts/", "metrics/")):
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, ws / rel)
+    _run(["git", "init", "-q"], ws)
+    _run(["git", "add", "-A"], ws)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], ws)
+    result = _make("finetune", ws)
+    (ws / "finetune.log").write_text(result.stdout + result.stderr)
+    return ws
+
+
+def test_finetune_ends_with_model_and_accuracy(workspace: Path):
+    out = (workspace / "finetune.log").read_text()
+    assert "artifacts/quantize/model" in out
+    assert "int4_onnx" in out and "Test accuracy" in out
+
+
+def test_every_stage_wrote_its_folder_with_lineage(workspace: Path):
+    data_sha = sha256_file(workspace / "data" / "tones.jsonl")
+    for stage in STAGES:
+        lineage = json.loads((workspace / "artifacts" / stage / "lineage.json").read_text())
+        assert lineage["stage"] == stage
+        assert lineage["data_sha256"] == data_sha
+        assert lineage["git_commit"]
+    assert not list((workspace / "artifacts").glob(".*")), "temporary folders left behind"
+
+
+def test_manifest_hashes_and_counts(workspace: Path):
+    manifest = json.loads((workspace / "artifacts/prepare/manifest.json").read_text())
+    assert manifest["source"]["sha256"] == sha256_file(workspace / "data/tones.jsonl")
+    total = 0
+    for name, split in manifest["splits"].items():
+        path = workspace / "artifacts/prepare" / split["file"]
+        assert split["sha256"] == sha256_file(path), name
+        assert split["count"] == sum(1 for _ in path.open()) > 0
+        total += split["count"]
+    assert total == manifest["examples"]
+
+
+def test_int4_model_folder_runs_with_onnxruntime_genai_alone(workspace: Path):
+    model = workspace / "artifacts/quantize/model"
+    for name in (
+        "model.onnx",
+        "genai_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "slmkit_prompt.json",
+    ):
+        assert (model / name).is_file(), name
+    # A separate process that imports only onnxruntime_genai, not slmkit.
+    code = (
+        "import onnxruntime_genai as og, sys; m = og.Model(sys.argv[1]); t = og.Tokenizer(m); "
+        "print(len(t.encode('hello')))"
+    )
+    assert int(_run([sys.executable, "-c", code, str(model)], workspace).stdout.strip()) > 0
+
+
+def test_adapter_and_loss_curve(workspace: Path):
+    adapter = workspace / "artifacts/train/adapter"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    expected = compose()
+    assert cfg["r"] == expected.lora.r
+    assert set(cfg["target_modules"]) == set(expected.lora.target_modules)
+    rows = (workspace / "metrics/train_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,eval_loss"
+    losses = [float(r.split(",")[1]) for r in rows[1:] if r.split(",")[1]]
+    assert len(losses) >= 5
+    assert losses[-1] < losses[0], "training loss did not go down"
+
+
+def test_eval_metrics(workspace: Path):
+    metrics = json.loads((workspace / "metrics/eval.json").read_text())
+    n_test = json.loads((workspace / "artifacts/prepare/manifest.json").read_text())["splits"]["test"]["count"]
+    labels = compose().data.labels
+    for name in ("int4_onnx", "merged_pytorch", "bag_of_words"):
+        assert metrics[name]["n"] == n_test
+        assert 0 <= metrics[name]["accuracy"] <= 1
+    chance = 1 / len(labels)
+    # The fine-tuned model must beat guessing clearly, and quantization must not break it.
+    assert metrics["merged_pytorch"]["accuracy"] > chance + 0.1
+    assert abs(metrics["int4_onnx"]["accuracy"] - metrics["merged_pytorch"]["accuracy"]) <= 0.05
+    assert metrics["int4_onnx"]["invalid_rate"] < 0.1
+    preds = [json.loads(line) for line in (workspace / "artifacts/evaluate/predictions.jsonl").open()]
+    assert len(preds) == n_test
+    assert {p["int4_onnx_pred"] for p in preds} <= {*labels, None}
+
+
+def test_classify_prints_a_label(workspace: Path):
+    out = _make("classify", workspace, "TEXT=I can't stop smiling, best day ever").stdout
+    labels = compose().data.labels
+    last = out.strip().splitlines()[-1]
+    assert last.split("\t")[0] in labels, out
+
+
+def test_rerun_with_nothing_changed_reruns_nothing(workspace: Path):
+    out = _make("finetune", workspace)
+    text = out.stdout + out.stderr
+    assert "Running stage" not in text, text
+    assert "up to date" in text
+    status = _run([str(VENV / "bin" / "dvc"), "status"], workspace).stdout
+    assert "up to date" in status
+
+
+def test_override_reuses_upstream_stages(workspace: Path):
+    """Changing only the builder reruns quantize + evaluate; the adapter is reused."""
+    adapter_before = sha256_file(workspace / "artifacts/train/adapter/adapter_model.safetensors")
+    out = _make("finetune", workspace, "ARGS=builder=fp32_cpu")
+    text = out.stdout + out.stderr
+    assert "Running stage 'quantize'" in text
+    for stage in ("prepare", "base", "train", "merge"):
+        assert f"Running stage '{stage}'" not in text, stage
+    assert sha256_file(workspace / "artifacts/train/adapter/adapter_model.safetensors") == adapter_before
+    metrics = json.loads((workspace / "metrics/eval.json").read_text())
+    assert "fp32_onnx" in metrics

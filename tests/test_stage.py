@@ -1,0 +1,85 @@
+"""Stage plumbing: user mistakes end in one clear message (no traceback); Olive failures fail the stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slmkit.config import compose, to_yaml
+from slmkit.olive_run import require
+from slmkit.stage import StageError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prepare_in(tmp_path: Path, data_lines: list[str]) -> subprocess.CompletedProcess:
+    (tmp_path / "data.jsonl").write_text("\n".join(data_lines) + "\n", encoding="utf-8")
+    cfg = compose([f"data.path={tmp_path / 'data.jsonl'}"])
+    (tmp_path / "params.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "prepare.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bad_data_fails_prepare_with_file_and_line_not_a_traceback(tmp_path: Path):
+    result = _prepare_in(tmp_path, ['{"phrase": "fine", "tone": "Joy"}', '{"phrase": "oops", "tone": "Angry"}'])
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"{tmp_path / 'data.jsonl'}:2" in result.stderr
+    assert "unknown label 'Angry'" in result.stderr
+    assert not (tmp_path / "artifacts" / "prepare").exists(), "nothing half-written"
+
+
+def test_prepare_writes_splits_and_manifest(tmp_path: Path):
+    labels = compose().data.labels
+    lines = [json.dumps({"phrase": f"phrase number {i} about {lab}", "tone": lab}) for lab in labels for i in range(20)]
+    lines.append(lines[0])  # an exact repeat
+    result = _prepare_in(tmp_path, lines)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "artifacts/prepare/manifest.json").read_text())
+    assert manifest["repeats_dropped"] == 1
+    assert manifest["examples"] == 20 * len(labels)
+    assert sum(s["count"] for s in manifest["splits"].values()) == manifest["examples"]
+    assert "dropped 1 exact repeat" in result.stderr
+
+
+def test_missing_params_is_a_clear_error(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "prepare.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "params.yaml not found" in result.stderr and "make params" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_require_fails_when_olive_produced_nothing_and_quotes_the_log(tmp_path: Path):
+    log = tmp_path / "olive.log"
+    log.write_text(
+        "2026 olive.engine INFO: running pass\n"
+        "2026 olive.engine ERROR: Pass ModelBuilder failed: vocab size mismatch\n"
+        "2026 olive.engine INFO: done\n"
+    )
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(StageError) as err:
+        require([tmp_path / "model.onnx", tmp_path / "empty.onnx"], "ModelBuilder int4", log)
+    msg = str(err.value)
+    assert "model.onnx" in msg and "empty.onnx" in msg
+    assert "vocab size mismatch" in msg
+    assert str(log) in msg
+
+
+def test_require_passes_when_outputs_exist(tmp_path: Path):
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    require([tmp_path / "model.onnx"], "ModelBuilder", tmp_path / "olive.log")
