@@ -7,6 +7,7 @@ VENV ?= .venv
 EXTRA ?= cpu
 ARGS ?=
 TEXT ?=
+ARTIFACT ?=
 PY := $(VENV)/bin/python
 # setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
 ENV_STAMP := $(VENV)/.slmkit-$(EXTRA)
@@ -16,7 +17,7 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params finetune $(STAGES) classify test test-fast lint clean \
+.PHONY: help env setup lock params finetune $(STAGES) classify lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -49,6 +50,9 @@ prepare base train merge quantize evaluate: env ## Run the pipeline up to this s
 classify: env ## Label a phrase with the int4 model: make classify TEXT="I can't stop smiling"
 	@test -n "$(TEXT)" || { echo 'usage: make classify TEXT="a phrase"'; exit 2; }
 	$(PY) -m slmkit.cli classify "$(TEXT)"
+
+lineage: env ## Print where the int4 model came from (or ARTIFACT=artifacts/<stage>)
+	$(PY) -m slmkit.cli lineage $(ARTIFACT)
 
 test: env ## Run the default and slow tests (the slow ones run the real pipeline)
 	$(PY) -m pytest -m "not gpu"

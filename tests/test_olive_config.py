@@ -244,9 +244,11 @@ def test_lora_targets_exist_in_the_tiny_model(cfg: Config):
     tiny = cfg.model.tiny
     with torch.device("meta"):
         model = build_model(tiny, vocab_size=tiny.vocab_size, eos_id=0)
-    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = set(cfg.lora.target_modules) - linear
-    assert not missing, f"lora.target_modules {sorted(missing)} are not linear layers of the model ({sorted(linear)})"
+    # The layer types PEFT's LoRA can adapt.
+    adaptable = (torch.nn.Linear, torch.nn.Embedding)
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, adaptable)}
+    missing = set(cfg.lora.target_modules) - names
+    assert not missing, f"lora.target_modules {sorted(missing)} are not layers LoRA can adapt ({sorted(names)})"
 
 
 # --- olive_data: loss on the completion only ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`slmkit classify|summary`: use the fine-tuned model from the command line."""
+"""`slmkit classify|summary|lineage`: use the fine-tuned model from the command line."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lineage(args: argparse.Namespace) -> int:
+    from slmkit.lineage import chain, format_chain
+
+    try:
+        records = chain(args.path)
+    except FileNotFoundError as err:
+        print(f"slmkit lineage: error: {err}", file=sys.stderr)
+        return 1
+    if not records:
+        print(f"slmkit lineage: no lineage records for {args.path}; run `make finetune`", file=sys.stderr)
+        return 1
+    print(json.dumps(records, indent=2) if args.json else format_chain(records))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slmkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_classify)
     s = sub.add_parser("summary", help="where the model is and its test accuracy")
     s.set_defaults(func=_summary)
+    lin = sub.add_parser("lineage", help="where an artifact came from: each stage's data, config, code, versions")
+    lin.add_argument("path", nargs="?", type=Path, default=DEFAULT_MODEL)
+    lin.add_argument("--json", action="store_true", help="the full records")
+    lin.set_defaults(func=_lineage)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -67,3 +67,41 @@ def record(stage: str, cfg: Config, sections: tuple[str, ...], data_sha256: str 
         "packages": _versions(),
         "device": _device(),
     }
+
+
+def chain(path: str | Path) -> list[dict]:
+    """Lineage records of the stage that wrote `path` and of every stage before it, oldest first."""
+    from slmkit.stage import ARTIFACTS, STAGES
+
+    path = Path(path).resolve()
+    artifacts = ARTIFACTS.resolve()
+    try:
+        stage = path.relative_to(artifacts).parts[0]
+    except (ValueError, IndexError):
+        raise FileNotFoundError(
+            f"{path} is not inside {ARTIFACTS}/; give a pipeline output, e.g. artifacts/quantize/model"
+        ) from None
+    if stage not in STAGES:
+        raise FileNotFoundError(f"{path}: '{stage}' is not a pipeline stage ({', '.join(STAGES)})")
+    records = []
+    for name in STAGES[: STAGES.index(stage) + 1]:
+        file = artifacts / name / "lineage.json"
+        if file.exists():
+            import json
+
+            records.append(json.loads(file.read_text(encoding="utf-8")))
+    return records
+
+
+def format_chain(records: list[dict]) -> str:
+    lines = []
+    for r in records:
+        dirty = " (dirty)" if r.get("git_dirty") else ""
+        commit = (r.get("git_commit") or "no git")[:12]
+        pk = r.get("packages", {})
+        lines.append(
+            f"{r['stage']:<9} {r['created']}  data {str(r.get('data_sha256'))[:12]}  "
+            f"config[{','.join(r['config_sections'])}] {r['config_sha256'][:12]}  git {commit}{dirty}  "
+            f"olive {pk.get('olive-ai')} torch {pk.get('torch')}  device {r['device'].get('gpu') or 'cpu'}"
+        )
+    return "\n".join(lines)
