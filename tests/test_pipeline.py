@@ -36,7 +36,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 1200) -> subprocess.Completed
 
 def _make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     # VENV: the environment running this test. The copy has the same lock, so make does not reinstall.
-    return _run(["make", target, f"VENV={VENV}", *args], cwd)
+    return _run(["make", "--no-print-directory", target, f"VENV={VENV}", *args], cwd)
 
 
 @pytest.fixture(scope="module")
