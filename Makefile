@@ -17,7 +17,7 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params finetune $(STAGES) classify lineage test test-fast lint clean \
+.PHONY: help env setup lock params finetune $(STAGES) classify push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -50,6 +50,12 @@ prepare base train merge quantize evaluate: env ## Run the pipeline up to this s
 classify: env ## Label a phrase with the int4 model: make classify TEXT="I can't stop smiling"
 	@test -n "$(TEXT)" || { echo 'usage: make classify TEXT="a phrase"'; exit 2; }
 	$(PY) -m slmkit.cli classify "$(TEXT)"
+
+push: env ## Upload outputs and DVC's run cache to the DVC remote (dvc remote add -d NAME URL)
+	dvc push --run-cache
+
+pull: env ## Download outputs and run cache from the DVC remote: `make finetune` then trains nothing
+	dvc pull --run-cache
 
 lineage: env ## Print where the int4 model came from (or ARTIFACT=artifacts/<stage>)
 	$(PY) -m slmkit.cli lineage $(ARTIFACT)

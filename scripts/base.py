@@ -17,7 +17,7 @@ from slmkit.stage import atomic_dir, log, main, read_json, stage_dir, write_json
 def run() -> None:
     cfg = load_params()
     prepared = stage_dir("prepare")
-    data_sha = read_json(prepared / "manifest.json")["source"]["sha256"]
+    manifest = read_json(prepared / "manifest.json")
     with atomic_dir(stage_dir("base")) as out:
         if cfg.model.source == "tiny":
             from slmkit.tiny import build_tiny_base
@@ -43,7 +43,7 @@ def run() -> None:
                 "revision": cfg.model.revision,
             }
         write_json(out / "base.json", base)
-        write_json(out / "lineage.json", lineage.record("base", cfg, ("seed", "model", "data"), data_sha))
+        write_json(out / "lineage.json", lineage.record("base", cfg, ("seed", "model", "data"), manifest))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from slmkit import inference, lineage
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.evaluate import bag_of_words_baseline, score
-from slmkit.stage import METRICS, atomic_dir, log, main, read_json, stage_dir, write_json
-
-EVAL_JSON = METRICS / "eval.json"
+from slmkit.stage import EVAL_JSON, atomic_dir, log, main, read_json, stage_dir, write_json
 
 
 def run() -> None:
@@ -47,9 +45,9 @@ def run() -> None:
         with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        data_sha = read_json(prepared / "manifest.json")["source"]["sha256"]
+        manifest = read_json(prepared / "manifest.json")
         sections = ("seed", "data", "model", "lora", "train", "builder", "evaluate")
-        write_json(out / "lineage.json", lineage.record("evaluate", cfg, sections, data_sha))
+        write_json(out / "lineage.json", lineage.record("evaluate", cfg, sections, manifest))
         write_json(EVAL_JSON, metrics)
 
 

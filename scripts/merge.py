@@ -28,10 +28,10 @@ def run() -> None:
         save_prompt_config(cfg.data, out / "model")
         for name in ("olive_config.json", "olive.log"):
             shutil.copy2(work / name, out / name)
-        data_sha = read_json(stage_dir("prepare") / "manifest.json")["source"]["sha256"]
+        manifest = read_json(stage_dir("prepare") / "manifest.json")
         write_json(
             out / "lineage.json",
-            lineage.record("merge", cfg, ("seed", "data", "model", "lora", "train"), data_sha),
+            lineage.record("merge", cfg, ("seed", "data", "model", "lora", "train"), manifest),
         )
     shutil.rmtree(work, ignore_errors=True)
 

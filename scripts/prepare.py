@@ -34,7 +34,7 @@ def run() -> None:
         write_json(out / "manifest.json", manifest)
         write_json(
             out / "lineage.json",
-            lineage.record("prepare", cfg, ("seed", "data"), manifest["source"]["sha256"]),
+            lineage.record("prepare", cfg, ("seed", "data"), manifest),
         )
     log.info(
         "%d examples (%d repeats dropped): %s",

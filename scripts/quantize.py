@@ -3,15 +3,16 @@
     python scripts/quantize.py   (reads params.yaml, artifacts/merge/; writes artifacts/quantize/)
 
 artifacts/quantize/model/ runs with onnxruntime-genai alone: model.onnx(+.data), genai_config.json,
-tokenizer files, and slmkit_prompt.json (the prompt the model was trained with).
+tokenizer files, slmkit_prompt.json (the prompt the model was trained with) and README.md (model card).
 """
 
+import csv
 import shutil
 
 from slmkit import lineage, olive_config, olive_run
 from slmkit.config import load_params
 from slmkit.inference import GenaiModel, save_prompt_config
-from slmkit.stage import StageError, atomic_dir, log, main, read_json, stage_dir, write_json
+from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir, write_json
 
 # Olive's bookkeeping, not part of the model folder.
 OLIVE_FILES = ("footprint.json", "output_footprint.json", "model_config.json", "run_history.txt")
@@ -40,9 +41,14 @@ def run() -> None:
                 raise StageError(f"the built model does not run with onnxruntime-genai: {err}") from err
         for name in ("olive_config.json", "olive.log"):
             shutil.copy2(work / name, out / name)
-        data_sha = read_json(stage_dir("prepare") / "manifest.json")["source"]["sha256"]
+        manifest = read_json(stage_dir("prepare") / "manifest.json")
         sections = ("seed", "data", "model", "lora", "train", "builder")
-        write_json(out / "lineage.json", lineage.record("quantize", cfg, sections, data_sha))
+        record = lineage.record("quantize", cfg, sections, manifest)
+        write_json(out / "lineage.json", record)
+        with open(TRAIN_LOSS_CSV, encoding="utf-8") as f:
+            last = [row for row in csv.DictReader(f) if row["loss"]][-1]
+        card = lineage.model_card(cfg, read_json(stage_dir("base") / "base.json"), manifest, last, record)
+        (model / "README.md").write_text(card, encoding="utf-8")
     size = sum(p.stat().st_size for p in (stage_dir("quantize") / "model").iterdir())
     log.info("%s model: %.1f MB in %s", cfg.builder.precision, size / 1e6, stage_dir("quantize") / "model")
     shutil.rmtree(work, ignore_errors=True)

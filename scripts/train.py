@@ -13,10 +13,8 @@ from slmkit import lineage, olive_config, olive_run
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.prompt import build_completion, build_prompt
-from slmkit.stage import METRICS, StageError, atomic_dir, log, main, read_json, stage_dir, write_json
+from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir, write_json
 from slmkit.tiny import seed_everything
-
-LOSS_CSV = METRICS / "train_loss.csv"
 
 
 def render(cfg, split: str, eos: str, path) -> None:
@@ -71,18 +69,18 @@ def run() -> None:
         shutil.copytree(adapter, out / "adapter")
         for name in ("olive_config.json", "olive.log"):
             shutil.copy2(work / name, out / name)
-        data_sha = read_json(stage_dir("prepare") / "manifest.json")["source"]["sha256"]
+        manifest = read_json(stage_dir("prepare") / "manifest.json")
         write_json(
             out / "lineage.json",
-            lineage.record("train", cfg, ("seed", "data", "model", "lora", "train"), data_sha),
+            lineage.record("train", cfg, ("seed", "data", "model", "lora", "train"), manifest),
         )
-        LOSS_CSV.parent.mkdir(parents=True, exist_ok=True)
-        tmp = LOSS_CSV.with_name(f".{LOSS_CSV.name}.tmp")
+        TRAIN_LOSS_CSV.parent.mkdir(parents=True, exist_ok=True)
+        tmp = TRAIN_LOSS_CSV.with_name(f".{TRAIN_LOSS_CSV.name}.tmp")
         tmp.write_text(
             "step,loss,eval_loss\n" + "".join(f"{r['step']},{r['loss']},{r['eval_loss']}\n" for r in curve),
             encoding="utf-8",
         )
-        tmp.replace(LOSS_CSV)
+        tmp.replace(TRAIN_LOSS_CSV)
     shutil.rmtree(work, ignore_errors=True)
     last = [r for r in curve if r["loss"] != ""][-1]
     evals = [r for r in curve if r["eval_loss"] != ""]

@@ -102,3 +102,8 @@ def tiny_tokenizer(_composed: Config):
     data = _composed.data
     texts = [build_training_text(data, s, label, EOS) for s in sentences for label in data.labels]
     return train_tokenizer(texts, vocab_size=400)
+
+
+# The slow tier's session-wide workspace (one pipeline run shared by tests/test_pipeline.py and
+# tests/test_versioning.py).
+from workspace import workspace  # noqa: E402,F401

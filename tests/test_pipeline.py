@@ -3,67 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from workspace import VENV, make, run
 
 from slmkit.config import compose
 from slmkit.data import sha256_file
 from slmkit.stage import STAGES
 
 pytestmark = pytest.mark.slow
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV = Path(sys.prefix)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env['PATH']}"
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OLIVE_DISABLE_TELEMETRY="1")
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-def _make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    # VENV: the environment running this test. The copy has the same lock, so make does not reinstall.
-    return _run(["make", "--no-print-directory", target, f"VENV={VENV}", *args], cwd)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """A fresh git checkout-like copy of the repo (tracked + new files, no outputs), pipeline run once."""
-    ws = tmp_path_factory.mktemp("repo")
-    files = (
-        subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for rel in filter(None, files):
-        src = REPO_ROOT / rel
-        if src.is_file() and not rel.startswith(("artifacts/", "metrics/")):
-            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, ws / rel)
-    _run(["git", "init", "-q"], ws)
-    _run(["git", "add", "-A"], ws)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], ws)
-    result = _make("finetune", ws)
-    (ws / "finetune.log").write_text(result.stdout + result.stderr)
-    return ws
 
 
 def test_finetune_ends_with_model_and_accuracy(workspace: Path):
@@ -109,7 +59,7 @@ def test_int4_model_folder_runs_with_onnxruntime_genai_alone(workspace: Path):
         "import onnxruntime_genai as og, sys; m = og.Model(sys.argv[1]); t = og.Tokenizer(m); "
         "print(len(t.encode('hello')))"
     )
-    assert int(_run([sys.executable, "-c", code, str(model)], workspace).stdout.strip()) > 0
+    assert int(run([sys.executable, "-c", code, str(model)], workspace).stdout.strip()) > 0
 
 
 def test_adapter_and_loss_curve(workspace: Path):
@@ -143,25 +93,25 @@ def test_eval_metrics(workspace: Path):
 
 
 def test_classify_prints_a_label(workspace: Path):
-    out = _make("classify", workspace, "TEXT=I can't stop smiling, best day ever").stdout
+    out = make("classify", workspace, "TEXT=I can't stop smiling, best day ever").stdout
     labels = compose().data.labels
     last = out.strip().splitlines()[-1]
     assert last.split("\t")[0] in labels, out
 
 
 def test_rerun_with_nothing_changed_reruns_nothing(workspace: Path):
-    out = _make("finetune", workspace)
+    out = make("finetune", workspace)
     text = out.stdout + out.stderr
     assert "Running stage" not in text, text
     assert "up to date" in text
-    status = _run([str(VENV / "bin" / "dvc"), "status"], workspace).stdout
+    status = run([str(VENV / "bin" / "dvc"), "status"], workspace).stdout
     assert "up to date" in status
 
 
 def test_override_reuses_upstream_stages(workspace: Path):
     """Changing only the builder reruns quantize + evaluate; the adapter is reused."""
     adapter_before = sha256_file(workspace / "artifacts/train/adapter/adapter_model.safetensors")
-    out = _make("finetune", workspace, "ARGS=builder=fp32_cpu")
+    out = make("finetune", workspace, "ARGS=builder=fp32_cpu")
     text = out.stdout + out.stderr
     assert "Running stage 'quantize'" in text
     for stage in ("prepare", "base", "train", "merge"):

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path("artifacts/quantize/model")
-EVAL_JSON = Path("metrics/eval.json")
+from slmkit.stage import EVAL_JSON, stage_dir
+
+DEFAULT_MODEL = stage_dir("quantize") / "model"
 
 
 def _classify(args: argparse.Namespace) -> int:

@@ -105,3 +105,43 @@ def format_chain(records: list[dict]) -> str:
             f"olive {pk.get('olive-ai')} torch {pk.get('torch')}  device {r['device'].get('gpu') or 'cpu'}"
         )
     return "\n".join(lines)
+
+
+def model_card(cfg: Config, base: dict, manifest: dict, final_loss: dict, rec: dict) -> str:
+    """README.md for a shipped model folder, rendered from the config, the data manifest and lineage."""
+    m, lo, t, b = cfg.model, cfg.lora, cfg.train, cfg.builder
+    if base["source"] == "tiny":
+        base_line = (
+            f"tiny Phi-3 architecture built locally ({base['parameters']:,} parameters, vocab {base['vocab_size']})"
+        )
+    else:
+        base_line = f"`{base.get('hub_id') or base['model_path']}` at revision `{base.get('revision')}`"
+    splits = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
+    precision = b.precision + (f", block size {b.int4_block_size}" if b.precision == "int4" else "")
+    pk = rec["packages"]
+    return f"""# {m.name}: {"/".join(cfg.data.labels)} classifier ({b.precision} ONNX for onnxruntime-genai)
+
+Made by slmkit. Test metrics: `metrics/eval.json`; full lineage: `make lineage` / `lineage.json`.
+
+| | |
+|---|---|
+| base model | {base_line} |
+| adapter | {lo.method}, r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, on {", ".join(lo.target_modules)} |
+| training | {t.max_steps} steps, batch {t.batch_size}, learning rate {t.learning_rate}, seed {cfg.seed} |
+| final loss | train {final_loss.get("loss")}, validation {final_loss.get("eval_loss")} (label + EOS) |
+| data | `{manifest["source"]["path"]}` sha256 `{manifest["source"]["sha256"]}`; {splits} |
+| build | Olive ModelBuilder, {precision}, execution provider {b.execution_provider} |
+| code | git `{rec["git_commit"]}`{" (uncommitted changes)" if rec["git_dirty"] else ""} |
+| versions | olive-ai {pk.get("olive-ai")}, onnxruntime-genai {pk.get("onnxruntime-genai")}, torch {pk.get("torch")} |
+
+Prompt (the label is what the model writes; `slmkit_prompt.json` holds it for slmkit):
+
+```
+{cfg.data.template}
+```
+
+```python
+import slmkit
+print(slmkit.load("path/to/this/folder").classify(["I can't stop smiling"])[0].label)
+```
+"""

@@ -1,0 +1,59 @@
+"""The slow tier's workspace: a fresh copy of the repo in which the real pipeline has run once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.prefix)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env['PATH']}"
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OLIVE_DISABLE_TELEMETRY="1")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    # VENV: the environment running this test. The copy has the same lock, so make does not reinstall.
+    return run(["make", "--no-print-directory", target, f"VENV={VENV}", *args], cwd)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """A fresh git checkout-like copy of the repo (tracked + new files, no outputs), pipeline run once."""
+    ws = tmp_path_factory.mktemp("repo")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        src = REPO_ROOT / rel
+        if src.is_file() and not rel.startswith(("artifacts/", "metrics/")):
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, ws / rel)
+    run(["git", "init", "-q"], ws)
+    run(["git", "add", "-A"], ws)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], ws)
+    result = make("finetune", ws)
+    (ws / "finetune.log").write_text(result.stdout + result.stderr)
+    return ws
