@@ -41,6 +41,7 @@ params: env ## Compose conf/ (+ ARGS="key=value ...") into params.yaml
 
 finetune: env ## Run the whole pipeline: data -> LoRA -> merge -> int4 ONNX -> eval (ARGS=overrides)
 	$(PY) scripts/compose.py $(ARGS)
+	$(if $(DVC_CACHE),dvc cache dir --local $(DVC_CACHE))
 	dvc repro
 	$(PY) -m slmkit.cli summary
 
@@ -72,7 +73,8 @@ lint: env ## ruff (lint + format check) and hadolint (Dockerfile)
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 IMAGE ?= slmkit:$(EXTRA)
-DOCKER_RUN = docker run --rm -v "$(CURDIR)":/workspace -v slmkit-hf-cache:/cache/huggingface $(IMAGE)
+DOCKER_VOLUMES = -v "$(CURDIR)":/workspace -v slmkit-hf-cache:/cache/huggingface -v slmkit-dvc-cache:/cache/dvc
+DOCKER_RUN = docker run --rm $(DOCKER_VOLUMES) $(IMAGE)
 
 docker-build: ## Build the image (EXTRA=cuda: CUDA 12 base; EXTRA=cpu: plain Ubuntu 22.04)
 	docker build -f docker/Dockerfile --build-arg EXTRA=$(EXTRA) \
@@ -80,8 +82,8 @@ docker-build: ## Build the image (EXTRA=cuda: CUDA 12 base; EXTRA=cpu: plain Ubu
 		--build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu) -t $(IMAGE) .
 
 docker-finetune: ## Run `make finetune` inside the image (GPU: --gpus all)
-	docker run --rm $(if $(filter cuda,$(EXTRA)),--gpus all) -v "$(CURDIR)":/workspace \
-		-v slmkit-hf-cache:/cache/huggingface $(IMAGE) finetune EXTRA=$(EXTRA) ARGS="$(ARGS)"
+	docker run --rm $(if $(filter cuda,$(EXTRA)),--gpus all) $(DOCKER_VOLUMES) $(IMAGE) \
+		finetune EXTRA=$(EXTRA) ARGS="$(ARGS)"
 
 docker-test: ## Run `make test` inside the image
 	$(DOCKER_RUN) test EXTRA=$(EXTRA)

@@ -14,8 +14,7 @@ from slmkit.stage import atomic_dir, main, read_json, stage_dir, write_json
 def run() -> None:
     cfg = load_params()
     base_path = read_json(stage_dir("base") / "base.json")["model_path"]
-    work = stage_dir("merge").with_name(".olive-merge")
-    shutil.rmtree(work, ignore_errors=True)
+    work = olive_run.scratch("merge")
     workflow = olive_config.merge_workflow(cfg, base_path, stage_dir("train") / "adapter", work)
     output = olive_run.run_workflow(workflow, work, "adapter merge")
     model = output / "model"
@@ -26,8 +25,7 @@ def run() -> None:
     with atomic_dir(stage_dir("merge")) as out:
         shutil.copytree(model, out / "model")
         save_prompt_config(cfg.data, out / "model")
-        for name in ("olive_config.json", "olive.log"):
-            shutil.copy2(work / name, out / name)
+        olive_run.keep_record(work, out)
         manifest = read_json(stage_dir("prepare") / "manifest.json")
         write_json(
             out / "lineage.json",

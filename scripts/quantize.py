@@ -20,8 +20,7 @@ OLIVE_FILES = ("footprint.json", "output_footprint.json", "model_config.json", "
 
 def run() -> None:
     cfg = load_params()
-    work = stage_dir("quantize").with_name(".olive-quantize")
-    shutil.rmtree(work, ignore_errors=True)
+    work = olive_run.scratch("quantize")
     workflow = olive_config.quantize_workflow(cfg, stage_dir("merge") / "model", work)
     output = olive_run.run_workflow(workflow, work, f"ModelBuilder {cfg.builder.precision}")
     olive_run.require(
@@ -39,8 +38,7 @@ def run() -> None:
                 GenaiModel(model).generate("check", max_new_tokens=2)
             except Exception as err:
                 raise StageError(f"the built model does not run with onnxruntime-genai: {err}") from err
-        for name in ("olive_config.json", "olive.log"):
-            shutil.copy2(work / name, out / name)
+        olive_run.keep_record(work, out)
         manifest = read_json(stage_dir("prepare") / "manifest.json")
         sections = ("seed", "data", "model", "lora", "train", "builder")
         record = lineage.record("quantize", cfg, sections, manifest)

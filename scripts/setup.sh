@@ -32,6 +32,11 @@ pip_install() {
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install -r "$lock"
+# SLMKIT_DEPS_ONLY=1: dependencies only (the Dockerfile installs them before it copies the code).
+if [ "${SLMKIT_DEPS_ONLY:-0}" = 1 ]; then
+  echo ">> dependencies installed from $lock (project not installed)"
+  exit 0
+fi
 pip_install --no-deps --no-build-isolation -e .
 # The Makefile compares these hashes (sha256sum -c) to decide whether to run this script again.
 sha256sum "$lock" pyproject.toml scripts/setup.sh > "$venv/.slmkit-$extra"

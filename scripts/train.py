@@ -47,8 +47,7 @@ def run() -> None:
     seed_everything(cfg.seed)
     base_path = read_json(stage_dir("base") / "base.json")["model_path"]
     eos = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code).eos_token
-    work = stage_dir("train").with_name(".olive-train")
-    shutil.rmtree(work, ignore_errors=True)
+    work = olive_run.scratch("train")
     work.mkdir(parents=True)
     render(cfg, "train", eos, work / "train_text.jsonl")
     render(cfg, "val", eos, work / "val_text.jsonl")
@@ -67,8 +66,7 @@ def run() -> None:
 
     with atomic_dir(stage_dir("train")) as out:
         shutil.copytree(adapter, out / "adapter")
-        for name in ("olive_config.json", "olive.log"):
-            shutil.copy2(work / name, out / name)
+        olive_run.keep_record(work, out)
         manifest = read_json(stage_dir("prepare") / "manifest.json")
         write_json(
             out / "lineage.json",

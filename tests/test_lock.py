@@ -73,7 +73,9 @@ def test_dockerfile_installs_from_the_same_script_and_lock():
     dockerfile = (REPO_ROOT / "docker/Dockerfile").read_text()
     assert "COPY requirements/ requirements/" in dockerfile
     assert "COPY scripts/setup.sh scripts/setup.sh" in dockerfile
-    assert re.search(r'RUN scripts/setup.sh "\$\{EXTRA\}"', dockerfile)
+    assert re.search(r'RUN SLMKIT_DEPS_ONLY=1 scripts/setup.sh "\$\{EXTRA\}"', dockerfile), "deps before code"
+    assert dockerfile.index("SLMKIT_DEPS_ONLY=1") < dockerfile.index("COPY src/ src/")
+    assert re.search(r'^RUN scripts/setup.sh "\$\{EXTRA\}"', dockerfile, re.M)
     setup = (REPO_ROOT / "scripts/setup.sh").read_text()
     assert 'lock="requirements/${extra}.txt"' in setup
     makefile = (REPO_ROOT / "Makefile").read_text()

@@ -83,3 +83,23 @@ def test_require_fails_when_olive_produced_nothing_and_quotes_the_log(tmp_path: 
 def test_require_passes_when_outputs_exist(tmp_path: Path):
     (tmp_path / "model.onnx").write_bytes(b"x")
     require([tmp_path / "model.onnx"], "ModelBuilder", tmp_path / "olive.log")
+
+
+def test_lineage_record_carries_data_split_and_config_hashes():
+    from slmkit import lineage
+
+    cfg = compose()
+    manifest = {"source": {"path": "d", "sha256": "a" * 64}, "splits": {"train": {"sha256": "b" * 64}}}
+    rec = lineage.record("train", cfg, ("lora", "train"), manifest)
+    assert rec["data_sha256"] == "a" * 64
+    assert rec["split_sha256"] == {"train": "b" * 64}
+    assert (
+        rec["config_sha256"]
+        != lineage.record("train", compose(["lora.r=4"]), ("lora", "train"), manifest)["config_sha256"]
+    )
+    assert rec["packages"]["olive-ai"] and rec["device"]["python"]
+    manifest["splits"]["train"]["count"] = 10
+    base = {"source": "tiny", "parameters": 1234, "vocab_size": 99}
+    card = lineage.model_card(cfg, base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
+    assert f"r={cfg.lora.r}" in card and "a" * 64 in card and "train 10" in card and "1,234 parameters" in card
+    assert cfg.data.template in card

@@ -52,13 +52,14 @@ def _device() -> dict[str, object]:
     return info
 
 
-def record(stage: str, cfg: Config, sections: tuple[str, ...], data_sha256: str | None) -> dict:
-    """The lineage record of one stage output."""
+def record(stage: str, cfg: Config, sections: tuple[str, ...], manifest: dict) -> dict:
+    """The lineage record of one stage output; `manifest` is the prepare stage's data manifest."""
     status = _git("status", "--porcelain")
     return {
         "stage": stage,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data_sha256": data_sha256,
+        "data_sha256": manifest["source"]["sha256"],
+        "split_sha256": {name: split["sha256"] for name, split in manifest["splits"].items()},
         "config_sections": list(sections),
         "config_sha256": section_hash(cfg, *sections),
         "lock_sha256": {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in LOCK_FILES if p.exists()},

@@ -5,9 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 
-from slmkit.stage import StageError
+from slmkit.stage import StageError, stage_dir
+
+# What each Olive-driven stage keeps of its Olive run, beside its output.
+RECORD_FILES = ("olive_config.json", "olive.log")
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +58,16 @@ def require(paths: list[Path], what: str, log_path: Path) -> None:
             f"Olive {what} produced no usable output (missing or empty: {names}).\n"
             f"{_relevant_lines(log_path)}\n  full log: {log_path}"
         )
+
+
+def scratch(stage: str) -> Path:
+    """A clean work folder for a stage's Olive run: kept after a failure (its log), removed after success."""
+    work = stage_dir(stage).with_name(f".olive-{stage}")
+    shutil.rmtree(work, ignore_errors=True)
+    return work
+
+
+def keep_record(work: Path, out: Path) -> None:
+    """Copy the Olive config and log that made an output into the output folder."""
+    for name in RECORD_FILES:
+        shutil.copy2(work / name, out / name)
