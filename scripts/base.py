@@ -11,13 +11,12 @@ from slmkit import hub, lineage
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.prompt import build_training_text
-from slmkit.stage import atomic_dir, log, main, read_json, stage_dir, write_json
+from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
 
 
 def run() -> None:
     cfg = load_params()
     prepared = stage_dir("prepare")
-    manifest = read_json(prepared / "manifest.json")
     with atomic_dir(stage_dir("base")) as out:
         if cfg.model.source == "tiny":
             from slmkit.tiny import build_tiny_base
@@ -43,7 +42,7 @@ def run() -> None:
                 "revision": cfg.model.revision,
             }
         write_json(out / "base.json", base)
-        write_json(out / "lineage.json", lineage.record("base", cfg, ("seed", "model", "data"), manifest))
+        lineage.write(out, "base", cfg, ("seed", "model", "data"))
 
 
 if __name__ == "__main__":

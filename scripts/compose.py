@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from slmkit.config import ConfigError, compose, to_yaml
+from slmkit.stage import write_text
 
 PARAMS = Path("params.yaml")
 
@@ -28,9 +29,7 @@ def main(argv: list[str]) -> int:
     if PARAMS.exists() and PARAMS.read_text(encoding="utf-8") == text:
         print(f"{PARAMS}: unchanged")
         return 0
-    tmp = PARAMS.with_name(f".{PARAMS.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(PARAMS)
+    write_text(PARAMS, text)
     print(f"{PARAMS}: written" + (f" with overrides {' '.join(overrides)}" if overrides else ""))
     return 0
 

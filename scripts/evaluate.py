@@ -13,7 +13,7 @@ from slmkit import inference, lineage
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.evaluate import bag_of_words_baseline, score
-from slmkit.stage import EVAL_JSON, atomic_dir, log, main, read_json, stage_dir, write_json
+from slmkit.stage import EVAL_JSON, atomic_dir, log, main, stage_dir, write_json
 
 
 def run() -> None:
@@ -45,9 +45,8 @@ def run() -> None:
         with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        manifest = read_json(prepared / "manifest.json")
         sections = ("seed", "data", "model", "lora", "train", "builder", "evaluate")
-        write_json(out / "lineage.json", lineage.record("evaluate", cfg, sections, manifest))
+        lineage.write(out, "evaluate", cfg, sections)
         write_json(EVAL_JSON, metrics)
 
 

@@ -8,7 +8,7 @@ import shutil
 from slmkit import lineage, olive_config, olive_run
 from slmkit.config import load_params
 from slmkit.inference import save_prompt_config
-from slmkit.stage import atomic_dir, main, read_json, stage_dir, write_json
+from slmkit.stage import atomic_dir, main, read_json, stage_dir
 
 
 def run() -> None:
@@ -26,11 +26,7 @@ def run() -> None:
         shutil.copytree(model, out / "model")
         save_prompt_config(cfg.data, out / "model")
         olive_run.keep_record(work, out)
-        manifest = read_json(stage_dir("prepare") / "manifest.json")
-        write_json(
-            out / "lineage.json",
-            lineage.record("merge", cfg, ("seed", "data", "model", "lora", "train"), manifest),
-        )
+        lineage.write(out, "merge", cfg, ("seed", "data", "model", "lora", "train"))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -32,10 +32,7 @@ def run() -> None:
                 "labels": label_counts(splits[name]),
             }
         write_json(out / "manifest.json", manifest)
-        write_json(
-            out / "lineage.json",
-            lineage.record("prepare", cfg, ("seed", "data"), manifest),
-        )
+        lineage.write(out, "prepare", cfg, ("seed", "data"), manifest)
     log.info(
         "%d examples (%d repeats dropped): %s",
         len(examples),

@@ -12,7 +12,7 @@ import shutil
 from slmkit import lineage, olive_config, olive_run
 from slmkit.config import load_params
 from slmkit.inference import GenaiModel, save_prompt_config
-from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir, write_json
+from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir
 
 # Olive's bookkeeping, not part of the model folder.
 OLIVE_FILES = ("footprint.json", "output_footprint.json", "model_config.json", "run_history.txt")
@@ -41,8 +41,7 @@ def run() -> None:
         olive_run.keep_record(work, out)
         manifest = read_json(stage_dir("prepare") / "manifest.json")
         sections = ("seed", "data", "model", "lora", "train", "builder")
-        record = lineage.record("quantize", cfg, sections, manifest)
-        write_json(out / "lineage.json", record)
+        record = lineage.write(out, "quantize", cfg, sections, manifest)
         with open(TRAIN_LOSS_CSV, encoding="utf-8") as f:
             last = [row for row in csv.DictReader(f) if row["loss"]][-1]
         card = lineage.model_card(cfg, read_json(stage_dir("base") / "base.json"), manifest, last, record)

@@ -13,7 +13,7 @@ from slmkit import lineage, olive_config, olive_run
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.prompt import build_completion, build_prompt
-from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir, write_json
+from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir, write_text
 from slmkit.tiny import seed_everything
 
 
@@ -67,18 +67,11 @@ def run() -> None:
     with atomic_dir(stage_dir("train")) as out:
         shutil.copytree(adapter, out / "adapter")
         olive_run.keep_record(work, out)
-        manifest = read_json(stage_dir("prepare") / "manifest.json")
-        write_json(
-            out / "lineage.json",
-            lineage.record("train", cfg, ("seed", "data", "model", "lora", "train"), manifest),
-        )
-        TRAIN_LOSS_CSV.parent.mkdir(parents=True, exist_ok=True)
-        tmp = TRAIN_LOSS_CSV.with_name(f".{TRAIN_LOSS_CSV.name}.tmp")
-        tmp.write_text(
+        lineage.write(out, "train", cfg, ("seed", "data", "model", "lora", "train"))
+        write_text(
+            TRAIN_LOSS_CSV,
             "step,loss,eval_loss\n" + "".join(f"{r['step']},{r['loss']},{r['eval_loss']}\n" for r in curve),
-            encoding="utf-8",
         )
-        tmp.replace(TRAIN_LOSS_CSV)
     shutil.rmtree(work, ignore_errors=True)
     last = [r for r in curve if r["loss"] != ""][-1]
     evals = [r for r in curve if r["eval_loss"] != ""]

@@ -26,6 +26,20 @@ PACKAGES = (
 LOCK_FILES = (Path("requirements/cpu.txt"), Path("requirements/cuda.txt"))
 
 
+def write(out: Path, stage: str, cfg: Config, sections: tuple[str, ...], manifest: dict | None = None) -> dict:
+    """Write `out`/lineage.json for a stage output and return the record.
+
+    `manifest` defaults to the prepare stage's data manifest (prepare passes the one it is writing).
+    """
+    from slmkit.stage import read_json, stage_dir, write_json
+
+    if manifest is None:
+        manifest = read_json(stage_dir("prepare") / "manifest.json")
+    rec = record(stage, cfg, sections, manifest)
+    write_json(out / "lineage.json", rec)
+    return rec
+
+
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
