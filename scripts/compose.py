@@ -7,6 +7,7 @@ python scripts/compose.py --check             exit 1 if params.yaml is not what 
 import sys
 from pathlib import Path
 
+from slmkit import arch
 from slmkit.config import ConfigError, compose, to_yaml
 from slmkit.stage import write_text
 
@@ -17,7 +18,9 @@ def main(argv: list[str]) -> int:
     check = "--check" in argv
     overrides = [a for a in argv if a != "--check"]
     try:
-        text = to_yaml(compose(overrides))
+        cfg = compose(overrides)
+        arch.check(cfg)  # LoRA targets exist in the model (built on the meta device, no weights)
+        text = to_yaml(cfg)
     except ConfigError as err:
         print(f"slmkit params: error: {err}", file=sys.stderr)
         return 1

@@ -31,7 +31,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_SCRIPT = REPO_ROOT / "scripts" / "compose.py"
 
 # Every option file of every config group, found on disk: a new file is tested without editing this module.
-GROUP_FILES = sorted(CONF_DIR.glob("*/*.yaml"))
+# experiment/ presets set keys across groups (@package _global_): tested on their own below.
+GROUP_FILES = sorted(p for p in CONF_DIR.glob("*/*.yaml") if p.parent.name != "experiment")
+EXPERIMENT_FILES = sorted(CONF_DIR.glob("experiment/*.yaml"))
 
 
 def _get(tree: dict, dotted: str):
@@ -68,8 +70,11 @@ def test_every_group_option_composes(option_file: Path):
     cfg = compose([f"{group}={name}"])
     assert isinstance(cfg, Config)
     # The composed section is the chosen file (plus schema defaults for keys the file leaves out).
-    section = to_dict(cfg)[group]
+    full = to_dict(cfg)
+    section = full[group]
     for key, value in OmegaConf.to_container(OmegaConf.load(option_file)).items():
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+            value = _get(full, value[2:-1])  # an interpolation, e.g. ${model.target_modules}
         assert section[key] == value, f"{group}.{key} does not come from {option_file}"
 
 
@@ -150,7 +155,7 @@ def test_bad_override_is_config_error_naming_the_key(overrides: list[str], key: 
         (["lora.alpha=0"], "lora.alpha"),
         (["lora.dropout=-0.1"], "lora.dropout"),
         (["lora.target_modules=[]"], "lora.target_modules"),
-        (["lora.method=dora"], "lora.method"),
+        (["lora.method=adalora"], "lora.method"),
         (["data.labels=[only]"], "data.labels"),
         (["data.labels=[a,A]"], "data.labels"),
         (["data.labels=[a,' ']"], "data.labels"),
@@ -361,3 +366,60 @@ def test_dvc_stage_params_exist_in_config(stage: str, dvc_stages: dict, cfg: Con
             _get(composed, key)
         except (KeyError, TypeError):
             pytest.fail(f"dvc.yaml stage {stage} lists param {key!r}, which is not in the config")
+
+
+# --- experiment presets and real-model layouts ------------------------------------------------------
+
+MODEL_FILES = sorted(CONF_DIR.glob("model/*.yaml"))
+
+
+@pytest.mark.parametrize("preset", EXPERIMENT_FILES, ids=[p.stem for p in EXPERIMENT_FILES])
+def test_every_experiment_preset_composes_and_fits_its_model(preset: Path):
+    from slmkit import arch
+
+    cfg = compose([f"experiment={preset.stem}"])
+    arch.check(cfg)
+    assert to_dict(cfg) != to_dict(compose()), f"{preset} changes nothing"
+    # Every group the preset overrides is a real option file of that group.
+    for entry in OmegaConf.to_container(OmegaConf.load(preset)).get("defaults", []):
+        ((override, choice),) = entry.items()
+        assert (CONF_DIR / override.removeprefix("override /") / f"{choice}.yaml").is_file()
+
+
+def test_reference_preset_is_the_reference_recipe():
+    cfg = compose(["experiment=phi3_mini_tones"])
+    assert cfg.model.hub_id == "microsoft/Phi-3-mini-4k-instruct"
+    assert (cfg.lora.method, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == ("lora", 64, 64.0, 0.1)
+    assert sorted(cfg.lora.target_modules) == ["o_proj", "qkv_proj"]
+    assert (cfg.builder.precision, cfg.builder.execution_provider) == ("int4", "cuda")
+    assert (cfg.train.batch_size, cfg.train.gradient_accumulation_steps, cfg.train.max_grad_norm) == (1, 4, 0.3)
+
+
+@pytest.mark.parametrize("model_file", MODEL_FILES, ids=[p.stem for p in MODEL_FILES])
+def test_model_layout_built_on_meta_device(model_file: Path):
+    """Each model config is checked against its architecture without weights: targets exist, size matches."""
+    from slmkit import arch
+
+    cfg = compose([f"model={model_file.stem}"])
+    found = arch.check(cfg)
+    assert found is not None, f"{model_file}: no layout to check (set model.architecture)"
+    assert set(cfg.model.target_modules) <= set(found["modules"])
+    if cfg.model.source == "hub":
+        assert cfg.model.revision and len(cfg.model.revision) == 40, "hub models are pinned to a commit"
+        assert found["parameters"] == cfg.model.architecture["num_parameters"]
+        assert 3.7e9 < found["parameters"] < 3.9e9  # the Phi-3-mini class: 3.8 B as published
+
+
+def test_wrong_architecture_field_is_caught():
+    from slmkit import arch
+
+    cfg = compose(["model=phi3_mini_4k", "model.architecture.intermediate_size=4096"])
+    with pytest.raises(ConfigError, match="num_parameters"):
+        arch.check(cfg)
+
+
+def test_chat_data_uses_the_models_chat_template():
+    phi3 = compose(["data=tones_chat"])
+    phi4 = compose(["data=tones_chat", "model=phi4_mini"])
+    assert phi3.data.template == "<|user|>\n{text}<|end|>\n<|assistant|>\n{label}<|end|>"
+    assert phi4.data.template == phi4.model.chat_template != phi3.data.template

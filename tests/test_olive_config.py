@@ -332,3 +332,18 @@ def test_olive_loads_the_rendered_data_through_our_component(cfg: Config, tiny_t
         row = dataset[i]
         for key in ("input_ids", "attention_mask", "labels"):
             assert row[key].tolist() == expected[key], key
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+def test_each_adapter_method_is_its_olive_pass(method: str, paths, olive_passes):
+    """lora.method maps one to one onto Olive's LoRA / QLoRA / DoRA pass, every key known to the pass."""
+    cfg = compose([f"lora={method}"])
+    workflow = olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"])
+    olive_pass = _only_pass(workflow)
+    assert olive_pass["type"] == olive_config.OLIVE_PASS[method]
+    checked = _olive_pass_config(workflow, olive_passes)
+    if method == "qlora":
+        assert (checked.quant_type, checked.double_quant) == ("nf4", True)
+    else:
+        assert checked.target_modules == list(cfg.model.target_modules)
+    assert checked.training_args.create_training_args().optim == cfg.train.optim

@@ -14,8 +14,12 @@ from omegaconf.errors import OmegaConfBaseException
 PRECISIONS = ("int4", "fp16", "fp32")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 MODEL_SOURCES = ("tiny", "hub", "local")
-LORA_METHODS = ("lora",)
+# lora.method -> the Olive pass that trains it (one to one).
+LORA_METHODS = ("lora", "qlora", "dora")
+QLORA_QUANT_TYPES = ("nf4", "fp4")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
+# transformers.TrainingArguments optimizers slmkit has run (paged_* need a CUDA GPU).
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd")
 
 
 class ConfigError(ValueError):
@@ -62,7 +66,14 @@ class ModelConfig:
     path: str | None = None  # local directory, for source=local
     trust_remote_code: bool = False
     max_length: int = 128  # tokens per training example
+    # How this model formats one user turn and its reply ({text}, {label}): data=tones_chat uses it.
+    chat_template: str = MISSING
+    # The LoRA targets that suit this model (lora=lora and lora=dora use them unless overridden).
+    target_modules: list[str] = MISSING
     tiny: TinyModelConfig | None = None
+    # Hub/local models: the layout fields of the model's config.json (Phi3Config keys). Enough to build the
+    # model on the meta device, so target modules and size are checked (and estimated) without a download.
+    architecture: dict[str, Any] | None = None
 
 
 @dataclass
@@ -71,7 +82,11 @@ class LoraConfig:
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["qkv_proj", "o_proj"])
+    # null for qlora: Olive's QLoRA pass adapts every 4-bit linear layer itself.
+    target_modules: list[str] | None = None
+    # qlora only (bitsandbytes 4-bit base); null otherwise.
+    quant_type: str | None = None
+    double_quant: bool | None = None
 
 
 @dataclass
@@ -88,6 +103,7 @@ class TrainConfig:
     eval_steps: int = 50
     torch_dtype: str = "float32"
     gradient_checkpointing: bool = False
+    optim: str = "adamw_torch_fused"  # transformers' default; qlora on a GPU: paged_adamw_32bit
 
 
 @dataclass
@@ -156,12 +172,28 @@ def check_values(cfg: Config) -> None:
         _check(bool(m.path), "model.path", "source=local needs the model directory")
     _check(m.max_length > 8, "model.max_length", "must be > 8 tokens")
 
+    _check(bool(m.target_modules), "model.target_modules", "list at least one module name, e.g. qkv_proj")
+    if m.source != "tiny":
+        _check(m.tiny is None, "model.tiny", f"only for source=tiny; set it to null for source={m.source}")
+
     lo = cfg.lora
     _check_choice(lo.method, "lora.method", LORA_METHODS)
     _check(lo.r > 0, "lora.r", f"must be > 0, got {lo.r}")
     _check(lo.alpha > 0, "lora.alpha", f"must be > 0, got {lo.alpha}")
     _check(0 <= lo.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
-    _check(bool(lo.target_modules), "lora.target_modules", "list at least one module name, e.g. qkv_proj")
+    if lo.method == "qlora":
+        _check(
+            lo.target_modules is None,
+            "lora.target_modules",
+            "Olive's QLoRA pass adapts every 4-bit linear layer and ignores a module list; set it to null "
+            "(or use lora=lora to pick modules)",
+        )
+        _check_choice(str(lo.quant_type), "lora.quant_type", QLORA_QUANT_TYPES)
+        _check(lo.double_quant is not None, "lora.double_quant", "set true or false for qlora")
+    else:
+        _check(bool(lo.target_modules), "lora.target_modules", "list at least one module name, e.g. qkv_proj")
+        for key in ("quant_type", "double_quant"):
+            _check(getattr(lo, key) is None, f"lora.{key}", "only applies to lora.method=qlora; set it to null")
 
     t = cfg.train
     _check(t.learning_rate > 0, "train.learning_rate", "must be > 0")
@@ -171,6 +203,7 @@ def check_values(cfg: Config) -> None:
     _check(t.logging_steps > 0, "train.logging_steps", "must be > 0")
     _check(t.eval_steps > 0, "train.eval_steps", "must be > 0")
     _check_choice(t.torch_dtype, "train.torch_dtype", TORCH_DTYPES)
+    _check_choice(t.optim, "train.optim", OPTIMIZERS)
 
     b = cfg.builder
     _check_choice(b.precision, "builder.precision", PRECISIONS)

@@ -10,6 +10,8 @@ from slmkit.config import Config
 # Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
 OLIVE_DATA_SCRIPT = Path(__file__).with_name("olive_data.py")
+# lora.method -> Olive pass type (one to one; see conf/lora/).
+OLIVE_PASS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA"}
 
 
 def _system(cfg: Config, *, for_builder: bool = False) -> dict[str, Any]:
@@ -106,27 +108,38 @@ def training_args(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
         "overwrite_output_dir": True,
         "report_to": "none",
         "disable_tqdm": True,
+        "optim": t.optim,
     }
 
 
 def train_workflow(
     cfg: Config, base_path: str | Path, train_jsonl: Path, val_jsonl: Path, work_dir: Path
 ) -> dict[str, Any]:
-    """Olive LoRA pass over the base model -> adapter."""
+    """Olive LoRA / QLoRA / DoRA pass over the base model -> adapter."""
+    data = [_text_data(cfg, "train_data", train_jsonl), _text_data(cfg, "val_data", val_jsonl)]
+    passes = {"lora": adapter_pass(cfg, work_dir / "checkpoints")}
+    return _workflow(cfg, _input_model(cfg, base_path), passes, work_dir, data)
+
+
+def adapter_pass(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
+    """The fine-tuning pass for cfg.lora.method, with slmkit's data configs and training arguments."""
     lo = cfg.lora
-    lora_pass = {
-        "type": "LoRA",
+    lora_pass: dict[str, Any] = {
+        "type": OLIVE_PASS[lo.method],
         "r": lo.r,
         "alpha": lo.alpha,
         "lora_dropout": lo.dropout,
-        "target_modules": list(lo.target_modules),
         "torch_dtype": cfg.train.torch_dtype,
         "train_data_config": "train_data",
         "eval_data_config": "val_data",
-        "training_args": training_args(cfg, work_dir / "checkpoints"),
+        "training_args": training_args(cfg, checkpoint_dir),
     }
-    data = [_text_data(cfg, "train_data", train_jsonl), _text_data(cfg, "val_data", val_jsonl)]
-    return _workflow(cfg, _input_model(cfg, base_path), {"lora": lora_pass}, work_dir, data)
+    if lo.method == "qlora":
+        lora_pass["quant_type"] = lo.quant_type
+        lora_pass["double_quant"] = lo.double_quant
+    else:
+        lora_pass["target_modules"] = list(lo.target_modules or [])
+    return lora_pass
 
 
 def merge_workflow(cfg: Config, base_path: str | Path, adapter_path: str | Path, work_dir: Path) -> dict[str, Any]:

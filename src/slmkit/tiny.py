@@ -63,21 +63,16 @@ def linear_widths(cfg: TinyModelConfig) -> set[int]:
     }
 
 
-def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int):
-    from transformers import Phi3Config, Phi3ForCausalLM
+def phi3_config(cfg: TinyModelConfig, vocab_size: int, eos_id: int):
+    """The transformers Phi3Config of the tiny model (also used to build it on the meta device)."""
+    from transformers import Phi3Config
 
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(
             f"model.tiny.hidden_size={cfg.hidden_size} must be divisible by "
             f"model.tiny.num_attention_heads={cfg.num_attention_heads}"
         )
-    if vocab_size in linear_widths(cfg):
-        # ModelBuilder finds the LM head by its width; a clash makes it pick the wrong layer.
-        raise ValueError(
-            f"tokenizer vocab size {vocab_size} equals a linear layer width {sorted(linear_widths(cfg))}; "
-            "change model.tiny.vocab_size"
-        )
-    config = Phi3Config(
+    return Phi3Config(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -91,7 +86,18 @@ def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int):
         pad_token_id=eos_id,
         tie_word_embeddings=False,
     )
-    return Phi3ForCausalLM(config)
+
+
+def build_model(cfg: TinyModelConfig, vocab_size: int, eos_id: int):
+    from transformers import Phi3ForCausalLM
+
+    if vocab_size in linear_widths(cfg):
+        # ModelBuilder finds the LM head by its width; a clash makes it pick the wrong layer.
+        raise ValueError(
+            f"tokenizer vocab size {vocab_size} equals a linear layer width {sorted(linear_widths(cfg))}; "
+            "change model.tiny.vocab_size"
+        )
+    return Phi3ForCausalLM(phi3_config(cfg, vocab_size, eos_id))
 
 
 def warm_up(model, tokenizer, texts: list[str], cfg: TinyModelConfig, seed: int) -> list[float]:

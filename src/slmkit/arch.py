@@ -1,0 +1,86 @@
+"""A model's layout without its weights: built on PyTorch's meta device from the config, so LoRA targets
+and sizes are checked before any download or training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slmkit.config import Config, ConfigError, ModelConfig
+
+# Bytes per parameter of the weights as stored, by precision.
+BYTES_PER_PARAM = {"float32": 4, "fp32": 4, "bfloat16": 2, "float16": 2, "fp16": 2, "int4": 0.5}
+
+
+def hf_config(model: ModelConfig) -> Any | None:
+    """transformers config of the model: from the tiny sizes, model.architecture or a local config.json.
+
+    None for a hub model whose layout is not written in the config (nothing can be checked offline)."""
+    from transformers import AutoConfig
+
+    if model.source == "tiny" and model.tiny is not None:
+        from slmkit.tiny import phi3_config
+
+        return phi3_config(model.tiny, model.tiny.vocab_size, eos_id=0)
+    if model.architecture:
+        fields = {k: v for k, v in model.architecture.items() if k not in ("model_type", "num_parameters")}
+        try:
+            return AutoConfig.for_model(model.architecture["model_type"], **fields)
+        except (KeyError, ValueError, TypeError) as err:
+            raise ConfigError(f"config key 'model.architecture': cannot build a model config: {err}") from None
+    if model.source == "local" and model.path and (Path(model.path) / "config.json").is_file():
+        return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return None
+
+
+def meta_model(model: ModelConfig):
+    """The model with every tensor on the meta device (no memory, no weights), or None if unknown."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(model)
+    if config is None:
+        return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+
+
+def adaptable_modules(net) -> set[str]:
+    """Last name components of the layers PEFT's LoRA can adapt (linear and embedding layers)."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    return {name.rsplit(".", 1)[-1] for name, module in net.named_modules() if name and isinstance(module, kinds)}
+
+
+def parameter_count(net) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def check(cfg: Config) -> dict[str, Any] | None:
+    """Check cfg.lora.target_modules (and model.architecture.num_parameters) against the model's layout.
+
+    Returns {"parameters", "modules"} or None when the layout is unknown (hub model without architecture)."""
+    net = meta_model(cfg.model)
+    if net is None:
+        return None
+    names = adaptable_modules(net)
+    targets = cfg.lora.target_modules or []
+    missing = sorted(set(targets) - names)
+    if missing:
+        raise ConfigError(
+            f"config key 'lora.target_modules': {missing} not in model {cfg.model.name}; "
+            f"its adaptable layers are {sorted(names)}"
+        )
+    count = parameter_count(net)
+    expected = (cfg.model.architecture or {}).get("num_parameters")
+    if expected is not None and expected != count:
+        raise ConfigError(
+            f"config key 'model.architecture': these fields build a model of {count:,} parameters, "
+            f"but num_parameters says {expected:,}: a layout field is wrong"
+        )
+    return {"parameters": count, "modules": sorted(names)}
+
+
+def weights_bytes(parameters: int, precision: str) -> int:
+    return int(parameters * BYTES_PER_PARAM[precision])
