@@ -2,6 +2,7 @@
 
 python scripts/compose.py [override ...]      e.g.  lora.r=8 data.path=/data/other.jsonl
 python scripts/compose.py --check             exit 1 if params.yaml is not what conf/ composes to
+python scripts/compose.py --dry-run [override ...]   print the config and the stages it would rerun (make config)
 """
 
 import sys
@@ -15,8 +16,8 @@ PARAMS = Path("params.yaml")
 
 
 def main(argv: list[str]) -> int:
-    check = "--check" in argv
-    overrides = [a for a in argv if a != "--check"]
+    check, dry_run = "--check" in argv, "--dry-run" in argv
+    overrides = [a for a in argv if a not in ("--check", "--dry-run")]
     try:
         cfg = compose(overrides)
         arch.check(cfg)  # LoRA targets exist in the model (built on the meta device, no weights)
@@ -24,6 +25,17 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"slmkit params: error: {err}", file=sys.stderr)
         return 1
+    if dry_run:
+        from slmkit.plan import stages_to_rerun
+
+        print(text)
+        rerun = stages_to_rerun(cfg)
+        print("stages `make finetune" + (f' ARGS="{" ".join(overrides)}"' if overrides else "") + "` would run:")
+        for stage, reasons in rerun.items():
+            print(f"  {stage:<9} {'; '.join(reasons)}")
+        if not rerun:
+            print("  none: every stage is up to date with this config")
+        return 0
     if check:
         if not PARAMS.exists() or PARAMS.read_text(encoding="utf-8") != text:
             print(f"{PARAMS} is stale: run `make params` and commit it", file=sys.stderr)

@@ -423,3 +423,47 @@ def test_chat_data_uses_the_models_chat_template():
     phi4 = compose(["data=tones_chat", "model=phi4_mini"])
     assert phi3.data.template == "<|user|>\n{text}<|end|>\n<|assistant|>\n{label}<|end|>"
     assert phi4.data.template == phi4.model.chat_template != phi3.data.template
+
+
+# --- the documented table of bad configs (docs/configuration.md): each row is a test ---------------
+
+DOCS_CONFIG = REPO_ROOT / "docs" / "configuration.md"
+
+
+def _bad_config_rows() -> list[tuple[str, str, str]]:
+    text = DOCS_CONFIG.read_text(encoding="utf-8")
+    table = text.split("<!-- bad-config-table -->")[1].split("<!-- /bad-config-table -->")[0]
+    rows = []
+    for line in table.strip().splitlines()[2:]:
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        rows.append((cells[0], cells[1], cells[2]))
+    return rows
+
+
+BAD_CONFIG_ROWS = _bad_config_rows()
+
+
+def test_bad_config_table_has_enough_kinds():
+    assert len(BAD_CONFIG_ROWS) >= 10
+    assert len({row[0] for row in BAD_CONFIG_ROWS}) == len(BAD_CONFIG_ROWS)
+
+
+@pytest.mark.parametrize(("overrides", "key", "says"), BAD_CONFIG_ROWS, ids=[r[0] for r in BAD_CONFIG_ROWS])
+def test_documented_bad_config(overrides: str, key: str, says: str):
+    """What `make params ARGS=...` runs (scripts/compose.py: compose, then the layout check) refuses it."""
+    import shlex
+
+    compose_script = _load_compose_script()
+    with pytest.raises(ConfigError) as err:
+        cfg = compose(shlex.split(overrides))
+        compose_script.arch.check(cfg)
+    message = str(err.value)
+    assert f"'{key}" in message or f"{key}=" in message, message
+    assert says in message, message
+
+
+def test_bad_config_exits_1_without_traceback_or_params(tmp_path: Path):
+    result = _run_compose("lora.target_modules=[q_proj]", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "lora.target_modules" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "params.yaml").exists()

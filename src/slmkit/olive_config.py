@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from slmkit.config import Config
+from slmkit.config import Config, DataConfig
 
 # Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
 OLIVE_DATA_SCRIPT = Path(__file__).with_name("olive_data.py")
 # lora.method -> Olive pass type (one to one; see conf/lora/).
 OLIVE_PASS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA"}
+
+
+def render_split(data: DataConfig, split_jsonl: Path, eos_token: str, out: Path) -> None:
+    """Write a prepared split as the prompt/completion JSON lines the fine-tuning data config reads."""
+    from slmkit.data import read_split
+    from slmkit.prompt import build_completion, build_prompt
+
+    with open(out, "w", encoding="utf-8") as f:
+        for e in read_split(split_jsonl):
+            row = {
+                PROMPT_COLUMN: build_prompt(data, e.text),
+                COMPLETION_COLUMN: build_completion(data, e.label, eos_token),
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _system(cfg: Config, *, for_builder: bool = False) -> dict[str, Any]:
@@ -150,9 +165,30 @@ def merge_workflow(cfg: Config, base_path: str | Path, adapter_path: str | Path,
 
 def quantize_workflow(cfg: Config, merged_path: str | Path, work_dir: Path) -> dict[str, Any]:
     """Olive ModelBuilder: merged model -> ONNX model folder for onnxruntime-genai."""
+    passes = {"builder": builder_pass(cfg)}
+    return _workflow(cfg, _input_model(cfg, merged_path), passes, work_dir, for_builder=True)
+
+
+def builder_pass(cfg: Config) -> dict[str, Any]:
     b = cfg.builder
-    builder_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": b.precision}
+    olive_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": b.precision}
     if b.precision == "int4":
-        builder_pass["int4_block_size"] = b.int4_block_size
-        builder_pass["int4_accuracy_level"] = b.int4_accuracy_level
-    return _workflow(cfg, _input_model(cfg, merged_path), {"builder": builder_pass}, work_dir, for_builder=True)
+        olive_pass["int4_block_size"] = b.int4_block_size
+        olive_pass["int4_accuracy_level"] = b.int4_accuracy_level
+    return olive_pass
+
+
+def single_workflow(
+    cfg: Config, base_path: str | Path, train_jsonl: Path, val_jsonl: Path, work_dir: Path
+) -> dict[str, Any]:
+    """The whole model path as ONE Olive config (fine-tune -> merge -> build), for `olive run --config`.
+
+    The same passes, data configs and training arguments as the train, merge and quantize stages, chained
+    the way Olive's own Phi-3 example is; `make olive-config` writes it (the eject path)."""
+    data = [_text_data(cfg, "train_data", train_jsonl), _text_data(cfg, "val_data", val_jsonl)]
+    passes = {
+        "lora": adapter_pass(cfg, work_dir / "checkpoints"),
+        "merge": {"type": "MergeAdapterWeights"},
+        "builder": builder_pass(cfg),
+    }
+    return _workflow(cfg, _input_model(cfg, base_path), passes, work_dir, data, for_builder=True)

@@ -1,0 +1,198 @@
+"""Sweep jobs: each Hydra multirun job is one DVC experiment, run in its own clone of the repo.
+
+A job composes and validates its config, clones the repo at HEAD (plus the workspace's uncommitted
+changes; `git clone --shared`, so no objects are copied) into `sweeps/<sweep>/<job>/ws`, points the
+clone at the main DVC cache, writes its own params.yaml there, runs `dvc exp run` and pushes the
+experiment back with `dvc exp push`. Jobs never share a params.yaml, a DVC lock or DVC's in-flight
+experiment refs (a git worktree would share those, and parallel jobs would clobber each other); they
+share the cache and the run cache, so stages whose inputs did not change (prepare, base) are reused,
+and `dvc exp show` in the main workspace lists every job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from slmkit.config import Config, to_yaml, validate
+from slmkit.stage import EVAL_JSON, StageError, write_json
+
+log = logging.getLogger("slmkit.sweep")
+
+RESULT_FILE = "result.json"
+# The figure a sweep optimises and ranks by (metrics/eval.json).
+OBJECTIVE = ("int4_onnx", "accuracy")
+STAGE_LINE = re.compile(r"Stage '([\w-]+)' didn't change, skipping|Running stage '([\w-]+)'")
+
+
+def repo_root() -> Path:
+    out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise StageError("a sweep runs in a git repository: run it from the slmkit checkout")
+    return Path(out.stdout.strip())
+
+
+def _git(*args: str, cwd: Path, stdin: bytes | None = None) -> bytes:
+    out = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, check=False)
+    if out.returncode:
+        raise StageError(f"git {' '.join(args)} failed in {cwd}: {out.stderr.decode(errors='replace').strip()}")
+    return out.stdout
+
+
+def experiment_name(sweep_id: str, job: int) -> str:
+    """A DVC experiment name (a valid git ref component) unique to the sweep and job."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", f"{sweep_id}-{job}").strip("-")
+
+
+def thread_budget(parallel_jobs: int) -> int:
+    """Threads per job so parallel jobs do not oversubscribe the cores (measured: 40x slower when they do)."""
+    return max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
+
+
+def make_clone(root: Path, ws: Path) -> None:
+    """A clone at HEAD carrying the workspace's uncommitted changes to tracked files."""
+    head = _git("rev-parse", "HEAD", cwd=root).decode().strip()
+    diff = _git("diff", "HEAD", "--binary", cwd=root)
+    if ws.exists():
+        shutil.rmtree(ws)
+    _git("clone", "--quiet", "--shared", "--no-checkout", str(root), str(ws), cwd=root)
+    _git("checkout", "--quiet", "--detach", head, cwd=ws)
+    if diff.strip():
+        _git("apply", "--whitespace=nowarn", cwd=ws, stdin=diff)
+
+
+def cache_dir(root: Path) -> Path:
+    out = subprocess.run(["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise StageError(f"`dvc cache dir` failed in {root}: {out.stderr.strip()}")
+    return Path(out.stdout.strip())
+
+
+def stage_report(dvc_output: str) -> dict[str, list[str]]:
+    """Which stages ran and which DVC reused (from `dvc exp run`'s own lines)."""
+    ran, reused = [], []
+    for match in STAGE_LINE.finditer(dvc_output):
+        skipped, running = match.groups()
+        if skipped and skipped not in reused:
+            reused.append(skipped)
+        if running and running not in ran:
+            ran.append(running)
+    return {"ran": ran, "reused": reused}
+
+
+def run_job(
+    cfg: Config, overrides: list[str], job_dir: Path, name: str, threads: int, root: Path | None = None
+) -> dict[str, Any]:
+    """Run one sweep job as the DVC experiment `name`; return its result record (also in job_dir)."""
+    root = root or repo_root()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    ws = job_dir / "ws"
+    started = time.time()
+    make_clone(root, ws)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        # The job's stages import slmkit from its own clone (the code this experiment records).
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ws / "src"), os.environ.get("PYTHONPATH")])),
+    )
+    try:
+        subprocess.run(
+            ["dvc", "cache", "dir", "--local", str(cache_dir(root))], cwd=ws, check=True, capture_output=True
+        )
+        (ws / "params.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        # Outputs of the baseline (prepare, base, ...) come from the shared cache, so unchanged stages are reused.
+        subprocess.run(["dvc", "checkout", "--quiet"], cwd=ws, env=env, capture_output=True, check=False)
+        log_path = job_dir / "dvc.log"
+        log.info("job %s: dvc exp run (log: %s)", name, log_path)
+        with open(log_path, "w", encoding="utf-8") as out:
+            proc = subprocess.run(
+                ["dvc", "exp", "run", "--name", name], cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+            if proc.returncode == 0:  # the experiment ref (and its commit) into the main repo
+                proc = subprocess.run(
+                    ["dvc", "exp", "push", "--no-cache", "origin", name],
+                    cwd=ws,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        if proc.returncode:
+            tail = "\n".join(f"    {line}" for line in text.splitlines()[-15:])
+            raise StageError(f"sweep job {name} ({' '.join(overrides)}) failed:\n{tail}\n  full log: {log_path}")
+        metrics = json.loads((ws / EVAL_JSON).read_text(encoding="utf-8"))
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
+    result = {
+        "name": name,
+        "overrides": overrides,
+        "metrics": metrics,
+        "objective": metrics[OBJECTIVE[0]][OBJECTIVE[1]],
+        "stages": stage_report(text),
+        "seconds": round(time.time() - started, 1),
+        "threads": threads,
+    }
+    write_json(job_dir / RESULT_FILE, result)
+    return result
+
+
+def job_config(raw) -> Config:
+    """Validate a Hydra job's config (the same schema and checks as `make params`)."""
+    from omegaconf import OmegaConf
+
+    from slmkit import arch
+
+    cfg = validate(OmegaConf.to_container(raw, resolve=True), source="sweep job config")
+    arch.check(cfg)
+    return cfg
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"))]
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of every job: overrides, accuracy of each model, stages run/reused; best marked."""
+    if not results:
+        return "(no finished jobs)"
+    best = max(results, key=lambda r: r["objective"])
+    lines = [
+        "| | experiment | overrides | int4 acc | merged acc | stages run | reused | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: -r["objective"]):
+        m = r["metrics"]
+        lines.append(
+            f"| {'★' if r is best else ''} | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | "
+            f"{m['int4_onnx']['accuracy']:.4f} | {m['merged_pytorch']['accuracy']:.4f} | "
+            f"{', '.join(r['stages']['ran']) or '-'} | {', '.join(r['stages']['reused']) or '-'} | {r['seconds']} |"
+        )
+    return "\n".join(lines)
+
+
+def summarise(sweep_dir: Path) -> str:
+    results = collect(sweep_dir)
+    table = summary_table(results)
+    (sweep_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
+    write_json(sweep_dir / "summary.json", results)
+    return table
+
+
+class SweepSummary:
+    """Hydra callback: after the last job, print every job's params and metrics with the best marked."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        table = summarise(sweep_dir)
+        print(f"\nsweep {sweep_dir} ({len(collect(sweep_dir))} jobs):\n{table}\n")
+        print("compare with DVC: dvc exp show   |   plots: dvc plots diff <exp> <exp>")

@@ -1,0 +1,119 @@
+"""Slow tier: sweeps as DVC experiments, the dry run and the ejected Olive config, in the pipeline workspace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slmkit.sweep import collect
+from tests.workspace import make, run
+
+pytestmark = pytest.mark.slow
+
+# Short training keeps each sweep job to well under a minute on 2 cores; the plumbing is what is tested.
+QUICK = "train.max_steps=20"
+
+
+def _latest_sweep(ws: Path) -> Path:
+    return max((ws / "sweeps").iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def _experiments(ws: Path) -> dict[str, dict]:
+    """name -> {params, metrics} from `dvc exp show --json` (DVC's own view of the experiments)."""
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], ws).stdout)
+    found = {}
+    for baseline in rows:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                name = rev.get("name") or exp.get("name")
+                if name:
+                    found[name] = data
+    return found
+
+
+def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(workspace: Path):
+    result = make("sweep", workspace, f"ARGS=hydra/launcher=parallel lora.r=4,8 {QUICK}")
+    results = collect(_latest_sweep(workspace))
+    assert sorted(r["overrides"][0] for r in results) == ["lora.r=4", "lora.r=8"]
+    for r in results:
+        assert {"prepare", "base"} <= set(r["stages"]["reused"]), r["stages"]
+        assert "train" in r["stages"]["ran"] and "base" not in r["stages"]["ran"]
+        assert r["threads"] == 1  # 2 jobs on 2 cores: one thread each
+        assert 0 <= r["metrics"]["int4_onnx"]["accuracy"] <= 1
+    assert "★" in result.stdout
+    exps = _experiments(workspace)
+    for r in results:
+        assert r["name"] in exps, f"{r['name']} not in dvc exp show: {sorted(exps)}"
+        params = exps[r["name"]]["params"]["params.yaml"]["data"]
+        assert params["lora"]["r"] == int(r["overrides"][0].split("=")[1])
+        assert params["train"]["max_steps"] == 20
+        metrics = exps[r["name"]]["metrics"]["metrics/eval.json"]["data"]
+        assert metrics["int4_onnx"]["accuracy"] == r["metrics"]["int4_onnx"]["accuracy"]
+    # The jobs' clones are gone; the main workspace's params are untouched by the jobs.
+    assert not list(_latest_sweep(workspace).glob("*/ws"))
+    assert yaml.safe_load((workspace / "params.yaml").read_text())["lora"]["r"] == 16
+
+
+def test_sweep_through_submitit_local_executor(workspace: Path):
+    """The SLURM launcher's code path (submitit), run by its local executor."""
+    make("sweep", workspace, f"ARGS=hydra/launcher=local_processes lora.r=2 {QUICK}")
+    (result,) = collect(_latest_sweep(workspace))
+    assert result["overrides"][:1] == ["lora.r=2"]
+    assert result["name"] in _experiments(workspace)
+
+
+def test_sweep_job_with_a_bad_value_fails_before_any_work(workspace: Path):
+    cmd = ["make", "--no-print-directory", "sweep", f"VENV={sys.prefix}", "ARGS=lora.dropout=1.5"]
+    proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "lora.dropout" in proc.stderr
+    assert not list(_latest_sweep(workspace).glob("*/ws")) and not list(_latest_sweep(workspace).glob("*/dvc.log"))
+
+
+def test_config_dry_run_names_the_stages_to_rerun(workspace: Path):
+    before = (workspace / "params.yaml").read_text()
+    out = make("config", workspace, "ARGS=lora.r=8").stdout
+    listed = out.split("would run:")[1]
+    assert "train" in listed and "params lora" in listed
+    assert "prepare" not in listed and "base" not in listed
+    assert (workspace / "params.yaml").read_text() == before
+    assert "none: every stage is up to date" in make("config", workspace).stdout
+
+
+def test_ejected_olive_config_runs_with_olive_alone(workspace: Path):
+    make("olive-config", workspace)
+    config_path = workspace / "olive-config" / "olive_config.json"
+    workflow = json.loads(config_path.read_text())
+    assert [p["type"] for p in workflow["passes"].values()] == ["LoRA", "MergeAdapterWeights", "ModelBuilder"]
+    shutil.rmtree(workspace / "olive-config" / "output", ignore_errors=True)
+    run(["olive", "run", "--config", str(config_path)], workspace)
+    output = workspace / "olive-config" / "output"
+    genai = next(output.rglob("genai_config.json")).parent
+    assert (genai / "model.onnx").is_file()
+    # Same passes, data and arguments as the pipeline: the same int4 model comes out of Olive alone.
+    ours = workspace / "artifacts" / "quantize" / "model"
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (genai / name).read_bytes() == (ours / name).read_bytes(), f"{name} differs from the pipeline's"
+
+
+def test_qlora_adapter_goes_to_int4_through_the_full_precision_merge(workspace: Path):
+    """QLoRA end to end on CPU: 4-bit base -> adapter -> merge into the fp32 base -> int4 ONNX -> evaluate."""
+    try:
+        make("finetune", workspace, f"ARGS=experiment=tiny_qlora {QUICK}")
+        adapter = json.loads((workspace / "artifacts/train/adapter/adapter_config.json").read_text())
+        # Olive's QLoRA pass adapts every 4-bit linear layer (not the embeddings).
+        assert set(adapter["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+        merged = json.loads((workspace / "artifacts/merge/model/config.json").read_text())
+        assert "quantization_config" not in merged  # the merged model is full precision
+        assert (workspace / "artifacts/quantize/model/model.onnx").is_file()
+        metrics = json.loads((workspace / "metrics/eval.json").read_text())
+        assert 0 <= metrics["int4_onnx"]["accuracy"] <= 1 and 0 <= metrics["merged_pytorch"]["accuracy"] <= 1
+    finally:
+        make("finetune", workspace)  # back to the default config (restored from DVC's run cache)

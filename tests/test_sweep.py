@@ -1,0 +1,148 @@
+"""Sweep jobs and the dry-run planner: the parts that need no pipeline run (the slow tier runs real sweeps)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from slmkit import sweep
+from slmkit.config import ConfigError, compose, to_dict
+from slmkit.plan import changed_params, upstream
+from slmkit.stage import STAGES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _committed(path: str) -> dict:
+    text = subprocess.run(
+        ["git", "show", f"HEAD:{path}"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    return yaml.safe_load(text)
+
+
+# --- dry run (make config) --------------------------------------------------------------------------
+
+
+def test_pipeline_graph_from_dvc_yaml():
+    graph = upstream(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text()))
+    assert list(graph) == list(STAGES)
+    assert graph["prepare"] == set()
+    assert graph["base"] == {"prepare"}
+    assert graph["train"] == {"prepare", "base"}
+    assert "merge" in graph["quantize"] and "quantize" in graph["evaluate"]
+
+
+def test_committed_lock_matches_committed_params():
+    """dvc.lock was produced from params.yaml as committed: no stage is stale in a fresh clone."""
+    params = _committed("params.yaml")
+    cfg = compose()
+    assert to_dict(cfg) == params
+    assert changed_params(cfg, _committed("dvc.lock")) == {}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stages"),
+    [
+        (["lora.r=8"], {"train"}),
+        (["train.learning_rate=0.0005"], {"train"}),
+        (["builder=fp32_cpu"], {"quantize"}),
+        (["data.val_fraction=0.15"], {"prepare"}),
+        (["model.tiny.warmup_steps=10"], {"base"}),
+        (["evaluate.batch_size=4"], {"evaluate"}),
+    ],
+)
+def test_changed_params_name_the_stages_that_read_them(overrides, stages):
+    changed = changed_params(compose(overrides), _committed("dvc.lock"))
+    assert set(changed) == stages
+    key = overrides[0].split("=")[0]
+    if "." in key and not key.startswith("builder"):
+        assert any(k == key or key.startswith(k + ".") for ks in changed.values() for k in ks)
+
+
+# --- sweep jobs ---------------------------------------------------------------------------------------
+
+
+def test_experiment_names_are_valid_git_refs():
+    for sweep_id, job in [("sweep-20261123-071500", 0), ("sweep weird/id:*", 12)]:
+        name = sweep.experiment_name(sweep_id, job)
+        ok = subprocess.run(["git", "check-ref-format", f"refs/exps/{name}"], check=False).returncode == 0
+        assert ok, name
+        assert name.endswith(str(job))
+
+
+def test_thread_budget_splits_the_cores(monkeypatch):
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 8)
+    assert [sweep.thread_budget(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+
+
+def test_stage_report_reads_dvc_lines():
+    out = (
+        "Stage 'prepare' didn't change, skipping\nStage 'base' didn't change, skipping\n"
+        "Running stage 'train':\n> python scripts/train.py\nRunning stage 'merge':\n"
+    )
+    assert sweep.stage_report(out) == {"ran": ["train", "merge"], "reused": ["prepare", "base"]}
+
+
+def _result(name: str, int4: float, merged: float) -> dict:
+    return {
+        "name": name,
+        "overrides": [f"lora.r={name[-1]}"],
+        "metrics": {"int4_onnx": {"accuracy": int4}, "merged_pytorch": {"accuracy": merged}},
+        "objective": int4,
+        "stages": {"ran": ["train"], "reused": ["prepare", "base"]},
+        "seconds": 1.0,
+    }
+
+
+def test_summary_marks_the_best_job_first(tmp_path: Path):
+    for i, acc in enumerate([0.5, 0.7, 0.6]):
+        sweep.write_json(tmp_path / str(i) / sweep.RESULT_FILE, _result(f"s-{i}", acc, acc))
+    table = sweep.summarise(tmp_path)
+    rows = [line for line in table.splitlines() if line.startswith("| ★") or "| s-" in line]
+    assert rows[0].startswith("| ★ | s-1 ")
+    assert sum("★" in row for row in rows) == 1
+    assert (tmp_path / "summary.md").read_text().strip() == table
+
+
+def test_job_config_refuses_a_bad_value_naming_the_key():
+    raw = OmegaConf.create(to_dict(compose()))
+    raw.lora.r = 0
+    with pytest.raises(ConfigError, match="lora.r"):
+        sweep.job_config(raw)
+    raw = OmegaConf.create(to_dict(compose()))
+    raw.lora.target_modules = ["q_proj"]
+    with pytest.raises(ConfigError, match="lora.target_modules"):
+        sweep.job_config(raw)
+
+
+@pytest.mark.parametrize("launcher", sorted(p.stem for p in (REPO_ROOT / "conf/hydra/launcher").glob("*.yaml")))
+def test_launcher_configs_compose_with_their_plugin(launcher: str):
+    """Each shipped launcher config composes against the installed Hydra plugin it extends."""
+    import importlib.util
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    if launcher == "ray_cluster" and importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
+        pytest.skip("hydra-ray-launcher is the unlocked `cluster` extra: pip install -e .[cluster]")
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert target.startswith("hydra_plugins.")
+    module, cls = target.rsplit(".", 1)
+    __import__(module)
+
+
+def test_search_sweeper_maximises_accuracy():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["hydra/sweeper=search"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "maximize"
