@@ -35,6 +35,8 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # Optuna (imported with Olive's search code) sets up alembic, which logs its plugins at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # Olive sends anonymous usage data at exit unless told not to; it also costs seconds per stage.
     os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from slmkit.config import Config, to_yaml, validate
 from slmkit.stage import EVAL_JSON, StageError, write_json
 
@@ -186,7 +188,7 @@ def summarise(sweep_dir: Path) -> str:
     return table
 
 
-class SweepSummary:
+class SweepSummary(Callback):
     """Hydra callback: after the last job, print every job's params and metrics with the best marked."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
