@@ -2,16 +2,28 @@
 
     python scripts/train.py      (reads params.yaml, artifacts/prepare/, artifacts/base/; writes artifacts/train/)
 
-Writes artifacts/train/adapter/ (PEFT adapter), the Olive config and log, and the loss curve
-metrics/train_loss.csv (step, loss, eval_loss).
+Writes artifacts/train/adapter/ (PEFT adapter), the Olive config and log, train_stats.json (time per
+step, tokens/s, peak memory) and the loss curve metrics/train_loss.csv (step, loss, eval_loss).
 """
 
 import json
+import resource
 import shutil
+import time
 
 from slmkit import lineage, olive_config, olive_run
 from slmkit.config import load_params
-from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir, write_text
+from slmkit.stage import (
+    TRAIN_LOSS_CSV,
+    StageError,
+    atomic_dir,
+    log,
+    main,
+    read_json,
+    stage_dir,
+    write_json,
+    write_text,
+)
 from slmkit.tiny import seed_everything
 
 
@@ -26,19 +38,44 @@ def loss_curve(trainer_state: dict) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+def train_stats(cfg, tokenizer, train_jsonl, seconds: float) -> dict:
+    """Throughput and peak memory of the fine-tuning run (Olive trains in this process)."""
+    import torch
+
+    rows = [json.loads(line) for line in train_jsonl.read_text(encoding="utf-8").splitlines()]
+    tokens = [len(tokenizer(r[olive_config.PROMPT_COLUMN] + r[olive_config.COMPLETION_COLUMN]).input_ids) for r in rows]
+    t = cfg.train
+    tokens_seen = t.max_steps * t.batch_size * t.gradient_accumulation_steps * sum(tokens) / len(tokens)
+    return {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "method": cfg.lora.method,
+        "steps": t.max_steps,
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(seconds / t.max_steps, 4),
+        "tokens_per_second": round(tokens_seen / seconds, 1),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if torch.cuda.is_available()
+        else None,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+
+
 def run() -> None:
     from transformers import AutoTokenizer
 
     cfg = load_params()
     seed_everything(cfg.seed)
     base_path = read_json(stage_dir("base") / "base.json")["model_path"]
-    eos = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code).eos_token
+    tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    eos = tokenizer.eos_token
     work = olive_run.scratch("train")
     work.mkdir(parents=True)
     for split in ("train", "val"):
         olive_config.render_split(cfg.data, stage_dir("prepare") / f"{split}.jsonl", eos, work / f"{split}_text.jsonl")
     workflow = olive_config.train_workflow(cfg, base_path, work / "train_text.jsonl", work / "val_text.jsonl", work)
+    started = time.monotonic()
     output = olive_run.run_workflow(workflow, work, "LoRA training")
+    stats = train_stats(cfg, tokenizer, work / "train_text.jsonl", time.monotonic() - started)
     adapter = output / "adapter"
     olive_run.require(
         [adapter / "adapter_config.json", adapter / "adapter_model.safetensors"],
@@ -53,6 +90,7 @@ def run() -> None:
     with atomic_dir(stage_dir("train")) as out:
         shutil.copytree(adapter, out / "adapter")
         olive_run.keep_record(work, out)
+        write_json(out / "train_stats.json", stats)
         lineage.write(out, "train", cfg, ("seed", "data", "model", "lora", "train"))
         write_text(
             TRAIN_LOSS_CSV,
@@ -62,9 +100,11 @@ def run() -> None:
     last = [r for r in curve if r["loss"] != ""][-1]
     evals = [r for r in curve if r["eval_loss"] != ""]
     log.info(
-        "adapter written; final train loss %s, eval loss %s",
+        "adapter written; final train loss %s, eval loss %s; %.2f s/step, %.0f tokens/s",
         last["loss"],
         evals[-1]["eval_loss"] if evals else "-",
+        stats["seconds_per_step"],
+        stats["tokens_per_second"],
     )
 
 

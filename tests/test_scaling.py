@@ -38,3 +38,38 @@ def test_gpu_presets_target_cuda(preset: str):
 
     cfg = compose([f"experiment={preset}"])
     assert cfg.builder.execution_provider == "cuda" and cfg.train.torch_dtype == "bfloat16"
+
+
+def test_random_weights_of_a_layout_build_and_load(tmp_path: Path, tiny_tokenizer):
+    """model.source=random: the layout from model.architecture with random weights (GPU tests, benchmarks)."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit import arch
+    from slmkit.config import compose
+
+    small = {
+        "model_type": "phi3",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 3000,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    }
+    overrides = ["model=phi3_mini_4k", "model.source=random", "model.architecture=null"]
+    cfg = compose(overrides + [f"+model.architecture.{k}={v}" for k, v in small.items()])
+    n = arch.build_random(cfg.model, tiny_tokenizer, 42, tmp_path)
+    assert n == arch.check(cfg)["parameters"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.num_key_value_heads == 2 and model.config.eos_token_id == tiny_tokenizer.eos_token_id
+    ids = tiny_tokenizer("a phrase", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
+
+
+def test_random_source_needs_a_layout():
+    from slmkit.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match="model.architecture"):
+        compose(["model.source=random"])  # the tiny model config has no architecture block

@@ -32,10 +32,8 @@ def make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run(["make", "--no-print-directory", target, f"VENV={VENV}", *args], cwd)
 
 
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory) -> Path:
-    """A fresh git checkout-like copy of the repo (tracked + new files, no outputs), pipeline run once."""
-    ws = tmp_path_factory.mktemp("repo")
+def copy_repo(ws: Path) -> Path:
+    """A fresh git checkout-like copy of the repo in ws: tracked + new files, no outputs, one commit."""
     files = (
         subprocess.run(
             ["git", "ls-files", "-co", "--exclude-standard", "-z"],
@@ -54,6 +52,13 @@ def workspace(tmp_path_factory) -> Path:
     run(["git", "init", "-q"], ws)
     run(["git", "add", "-A"], ws)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], ws)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """A copy of the repo (copy_repo) in which the pipeline has run once."""
+    ws = copy_repo(tmp_path_factory.mktemp("repo"))
     result = make("finetune", ws)
     (ws / "finetune.log").write_text(result.stdout + result.stderr)
     return ws

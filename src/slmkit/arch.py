@@ -24,6 +24,8 @@ def hf_config(model: ModelConfig) -> Any | None:
         return phi3_config(model.tiny, model.tiny.vocab_size, eos_id=0)
     if model.architecture:
         fields = {k: v for k, v in model.architecture.items() if k not in ("model_type", "num_parameters")}
+        # Phi3Config's default pad id (32000) is not a layout field and breaks small vocabularies.
+        fields.setdefault("pad_token_id", None)
         try:
             return AutoConfig.for_model(model.architecture["model_type"], **fields)
         except (KeyError, ValueError, TypeError) as err:
@@ -84,3 +86,19 @@ def check(cfg: Config) -> dict[str, Any] | None:
 
 def weights_bytes(parameters: int, precision: str) -> int:
     return int(parameters * BYTES_PER_PARAM[precision])
+
+
+def build_random(model: ModelConfig, tokenizer, seed: int, out_dir: Path) -> int:
+    """Save the model of `model.architecture` with random weights (bf16, like the hub checkpoints) and
+    `tokenizer` to out_dir; return its parameter count. A real layout at full size, no download."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(model)
+    eos = tokenizer.eos_token_id
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = eos
+    torch.manual_seed(seed)
+    net = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    net.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return parameter_count(net)

@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 PRECISIONS = ("int4", "fp16", "fp32")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
-MODEL_SOURCES = ("tiny", "hub", "local")
+MODEL_SOURCES = ("tiny", "hub", "local", "random")
 # lora.method -> the Olive pass that trains it (one to one).
 LORA_METHODS = ("lora", "qlora", "dora")
 QLORA_QUANT_TYPES = ("nf4", "fp4")
@@ -60,7 +60,9 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    source: str = MISSING  # tiny | hub | local
+    # tiny: built locally; hub: downloaded at `revision`; local: a folder; random: the `architecture` with
+    # random weights (a real layout without a download: GPU tests and benchmarks).
+    source: str = MISSING
     hub_id: str | None = None
     revision: str | None = None  # pinned commit for hub models
     path: str | None = None  # local directory, for source=local
@@ -170,6 +172,8 @@ def check_values(cfg: Config) -> None:
         _check(bool(m.revision), "model.revision", "pin the hub revision (a commit hash) for reproducibility")
     if m.source == "local":
         _check(bool(m.path), "model.path", "source=local needs the model directory")
+    if m.source == "random":
+        _check(bool(m.architecture), "model.architecture", "source=random builds the model from these fields")
     _check(m.max_length > 8, "model.max_length", "must be > 8 tokens")
 
     _check(bool(m.target_modules), "model.target_modules", "list at least one module name, e.g. qkv_proj")
