@@ -347,3 +347,18 @@ def test_each_adapter_method_is_its_olive_pass(method: str, paths, olive_passes)
     else:
         assert checked.target_modules == list(cfg.model.target_modules)
     assert checked.training_args.create_training_args().optim == cfg.train.optim
+
+
+def test_ejected_workflow_chains_the_stage_passes(cfg: Config, paths):
+    """`make olive-config`: one Olive config with exactly the train, merge and quantize stages' passes."""
+    args = (cfg, paths["base"], paths["train"], paths["val"], paths["work"])
+    single = olive_config.single_workflow(*args)
+    assert list(single["passes"]) == ["lora", "merge", "builder"]
+    assert single["passes"]["lora"] == olive_config.train_workflow(*args)["passes"]["lora"]
+    merge = olive_config.merge_workflow(cfg, paths["base"], paths["work"] / "adapter", paths["work"])
+    assert single["passes"]["merge"] == merge["passes"]["merge"]
+    build = olive_config.quantize_workflow(cfg, paths["base"], paths["work"])
+    assert single["passes"]["builder"] == build["passes"]["builder"]
+    assert single["data_configs"] == olive_config.train_workflow(*args)["data_configs"]
+    assert single["systems"] == build["systems"]
+    RunConfig.parse_file_or_obj(copy.deepcopy(single))  # a valid Olive config as written
