@@ -12,14 +12,18 @@ from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
 def run() -> None:
     cfg = load_params()
     examples, repeats = read_examples(cfg.data.path, cfg.data)
+    truncated = sum(e.truncated for e in examples)
     if repeats:
         log.warning("dropped %d exact repeat(s) of a phrase before splitting", repeats)
+    if truncated:
+        log.warning("truncated %d phrase(s) to data.max_chars=%d characters", truncated, cfg.data.max_chars)
     splits = split_examples(examples, cfg.data, cfg.seed)
     with atomic_dir(stage_dir("prepare")) as out:
         manifest = {
             "source": {"path": cfg.data.path, "sha256": sha256_file(cfg.data.path)},
             "examples": len(examples),
             "repeats_dropped": repeats,
+            "truncated": truncated,
             "splits": {},
         }
         for name in SPLITS:
@@ -34,9 +38,10 @@ def run() -> None:
         write_json(out / "manifest.json", manifest)
         lineage.write(out, "prepare", cfg, ("seed", "data"), manifest)
     log.info(
-        "%d examples (%d repeats dropped): %s",
+        "%d examples (%d repeats dropped, %d truncated): %s",
         len(examples),
         repeats,
+        truncated,
         ", ".join(f"{n} {len(splits[n])}" for n in SPLITS),
     )
 
