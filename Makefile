@@ -17,7 +17,7 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params finetune $(STAGES) classify push pull lineage test test-fast lint clean \
+.PHONY: help env setup lock params finetune _finetune $(STAGES) classify push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -39,14 +39,20 @@ lock: env ## Re-resolve pyproject.toml into requirements/cpu.txt and requirement
 params: env ## Compose conf/ (+ ARGS="key=value ...") into params.yaml
 	$(PY) scripts/compose.py $(ARGS)
 
+# One run per workspace (slmkit.runlock): a second `make finetune` here refuses and changes nothing.
+RUNLOCK := $(PY) -m slmkit.runlock
+
 finetune: env ## Run the whole pipeline: data -> LoRA -> merge -> int4 ONNX -> eval (ARGS=overrides)
+	$(RUNLOCK) $(MAKE) --no-print-directory _finetune
+
+_finetune:
 	$(PY) scripts/compose.py $(ARGS)
 	$(if $(DVC_CACHE),dvc cache dir --local $(DVC_CACHE))
 	dvc repro
 	$(PY) -m slmkit.cli summary
 
 prepare base train merge quantize evaluate: env ## Run the pipeline up to this stage
-	dvc repro $@
+	$(RUNLOCK) dvc repro $@
 
 classify: env ## Label a phrase with the int4 model: make classify TEXT="I can't stop smiling"
 	@test -n "$(TEXT)" || { echo 'usage: make classify TEXT="a phrase"'; exit 2; }

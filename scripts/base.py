@@ -7,7 +7,7 @@ model and warms it up briefly on the training phrases, all from the seed. For hu
 weights stay in the Hugging Face cache at the pinned revision; base.json points at them.
 """
 
-from slmkit import hub, lineage
+from slmkit import hub, lineage, resources
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.prompt import build_training_text
@@ -17,6 +17,7 @@ from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
 def run() -> None:
     cfg = load_params()
     prepared = stage_dir("prepare")
+    resources.preflight("base", cfg, cfg.model.path)
     with atomic_dir(stage_dir("base")) as out:
         if cfg.model.source == "tiny":
             from slmkit.tiny import build_tiny_base

@@ -5,7 +5,7 @@ python scripts/prepare.py        (reads params.yaml; writes artifacts/prepare/)
 
 from slmkit import lineage
 from slmkit.config import load_params
-from slmkit.data import SPLITS, label_counts, read_examples, sha256_file, split_examples, write_split
+from slmkit.data import SPLITS, DataError, label_counts, read_examples, sha256_file, split_examples, write_split
 from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
 
 
@@ -17,7 +17,10 @@ def run() -> None:
         log.warning("dropped %d exact repeat(s) of a phrase before splitting", repeats)
     if truncated:
         log.warning("truncated %d phrase(s) to data.max_chars=%d characters", truncated, cfg.data.max_chars)
-    splits = split_examples(examples, cfg.data, cfg.seed)
+    try:
+        splits = split_examples(examples, cfg.data, cfg.seed)
+    except DataError as err:
+        raise DataError(f"{cfg.data.path}: {err}") from None
     with atomic_dir(stage_dir("prepare")) as out:
         manifest = {
             "source": {"path": cfg.data.path, "sha256": sha256_file(cfg.data.path)},
