@@ -339,3 +339,19 @@ def test_every_stage_runs_under_the_workspace_lock():
     assert "\n".join(STAGES)  # the stage targets are the pipeline's stages
     targets = re.search(r"^(prepare base train merge quantize evaluate): env", makefile, re.M)
     assert targets and tuple(targets.group(1).split()) == STAGES
+
+
+# --- the README's fault table names real tests ------------------------------------------------------
+
+
+def test_readme_fault_table_rows_are_tests():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Faults tried, each a test", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 20
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in (REPO_ROOT / "tests").glob("test_*.py"))
+    for row in rows:
+        names = re.findall(r"`(test_\w+)`", row.rsplit("|", 2)[1])
+        assert names, row
+        for name in names:
+            assert f"def {name}(" in sources, f"README fault table names {name}, which is not a test"
