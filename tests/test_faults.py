@@ -159,6 +159,32 @@ def test_out_of_disk_on_a_first_run_leaves_no_output(tmp_path: Path):
     assert list((tmp_path / "artifacts").iterdir()) == []
 
 
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    """A real 1 MB filesystem (tmpfs), where mounting is allowed (root); skipped elsewhere."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_during_prepare_on_a_real_small_filesystem(small_filesystem: Path):
+    ws = _workspace(small_filesystem)
+    assert _prepare(ws).returncode == 0
+    before = _tree(ws / "artifacts" / "prepare")
+    free = os.statvfs(ws).f_bavail * os.statvfs(ws).f_frsize
+    (ws / "filler").write_bytes(b"\0" * (free - 16384))  # leave 16 kB: the splits need more
+    result = _prepare(ws)
+    assert result.returncode == 1
+    assert "slmkit prepare: error: out of disk space (No space left on device" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert _tree(ws / "artifacts" / "prepare") == before
+    assert sorted(p.name for p in (ws / "artifacts").iterdir()) == ["prepare"], "temp folder left behind"
+
+
 # --- secrets: never in logs, messages or lineage ---------------------------------------------------
 
 
@@ -347,7 +373,7 @@ def test_every_stage_runs_under_the_workspace_lock():
 def test_readme_fault_table_rows_are_tests():
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.split("### Faults tried, each a test", 1)[1].split("\n\n", 2)[1]
-    rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
+    rows = [line for line in table.splitlines() if re.match(r"\| \d+b? \|", line)]
     assert len(rows) >= 20
     sources = "\n".join(p.read_text(encoding="utf-8") for p in (REPO_ROOT / "tests").glob("test_*.py"))
     for row in rows:
