@@ -358,6 +358,35 @@ def test_second_run_in_a_workspace_is_refused_and_a_killed_run_leaves_no_lock(tm
     assert (tmp_path / "ran").exists()
 
 
+def test_run_refuses_while_a_bare_dvc_command_holds_dvcs_lock(tmp_path: Path):
+    """A `dvc` command started outside make holds DVC's repo lock (zc.lockfile, as DVC takes it)."""
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import zc.lockfile, time; lock = zc.lockfile.LockFile('.dvc/tmp/lock'); print('held', "
+            "flush=True); time.sleep(60)",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = subprocess.run(
+            [sys.executable, "-m", "slmkit.runlock", "touch", "ran"], cwd=tmp_path, capture_output=True, text=True
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.returncode == BUSY_EXIT
+    assert f"a dvc command is running in this workspace (pid {holder.pid}" in busy.stderr
+    assert not (tmp_path / "ran").exists()
+    after = subprocess.run([sys.executable, "-m", "slmkit.runlock", "touch", "ran"], cwd=tmp_path, timeout=60)
+    assert after.returncode == 0 and (tmp_path / "ran").exists()
+
+
 def test_every_stage_runs_under_the_workspace_lock():
     makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
     assert "$(RUNLOCK) $(MAKE) --no-print-directory _finetune" in makefile

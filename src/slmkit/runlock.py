@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 LOCK_FILE = Path(".slmkit.lock")
+# DVC's own repo lock (zc.lockfile: an flock on this file, holding " <pid>"), taken by any `dvc` command.
+DVC_LOCK = Path(".dvc/tmp/lock")
 BUSY_EXIT = 75  # EX_TEMPFAIL: try again later
 
 
@@ -47,6 +49,24 @@ def acquire(command: list[str], path: Path = LOCK_FILE) -> int:
     return fd
 
 
+def check_dvc_idle(path: Path = DVC_LOCK) -> None:
+    """Refuse if a `dvc` command run outside slmkit holds DVC's lock here (it would fail half-way)."""
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise WorkspaceBusy(
+            f"a dvc command is running in this workspace (pid {_holder(path)}, DVC's lock {path}); wait for it "
+            "to finish and run again. Nothing was changed"
+        ) from None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m slmkit.runlock COMMAND [ARG ...]", file=sys.stderr)
@@ -54,6 +74,12 @@ def main(argv: list[str]) -> int:
     try:
         fd = acquire(argv)
     except WorkspaceBusy as err:
+        print(f"slmkit: {err}", file=sys.stderr)
+        return BUSY_EXIT
+    try:
+        check_dvc_idle()
+    except WorkspaceBusy as err:
+        os.close(fd)
         print(f"slmkit: {err}", file=sys.stderr)
         return BUSY_EXIT
     os.set_inheritable(fd, True)  # the command and its children hold the lock too, until the last one exits
