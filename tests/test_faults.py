@@ -101,6 +101,45 @@ def test_signal_during_a_stage_keeps_the_previous_output_and_says_so(tmp_path: P
     assert _tree(previous) == {"adapter.bin": b"complete"}
 
 
+SWALLOWING_STAND_IN = textwrap.dedent(
+    """
+    import time
+    from slmkit.stage import atomic_dir, main, stage_dir
+
+    def run():
+        with atomic_dir(stage_dir("train")) as out:
+            try:  # a library that catches everything, as Olive does around `import onnxruntime`
+                print("writing", flush=True)
+                time.sleep(60)
+            except BaseException:
+                pass
+            (out / "adapter.bin").write_bytes(b"made after the signal")
+
+    main("train", run)
+    """
+)
+
+
+def test_a_signal_swallowed_by_a_library_still_stops_the_commit(tmp_path: Path):
+    previous = tmp_path / "artifacts" / "train"
+    previous.mkdir(parents=True)
+    (previous / "adapter.bin").write_bytes(b"complete")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SWALLOWING_STAND_IN],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "interrupted by SIGINT" in err and "Traceback" not in err
+    assert _tree(previous) == {"adapter.bin": b"complete"}
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["train"]
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -8,7 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from slmkit.stage import RedactFilter, StageError, stage_dir
+from slmkit.stage import RedactFilter, StageError, raise_if_interrupted, stage_dir
 
 # What each Olive-driven stage keeps of its Olive run, beside its output.
 RECORD_FILES = ("olive_config.json", "olive.log")
@@ -47,6 +47,7 @@ def run_workflow(config: dict, work_dir: Path, what: str) -> Path:
     finally:
         olive_logger.removeHandler(handler)
         handler.close()
+    raise_if_interrupted()  # Olive may have caught the signal's exception and carried on
     return Path(config["output_dir"])
 
 

@@ -83,6 +83,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        raise_if_interrupted()  # a library may have swallowed the signal's exception: never commit then
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -161,11 +162,25 @@ INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+_received: list[int] = []  # the signal this process got, if any
+
+
 def _on_signal(signum: int, frame: object) -> None:
     # Once: a second Ctrl-C must not interrupt the cleanup of the first.
     for sig in INTERRUPT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise Interrupted again if a signal came, even if its first exception was swallowed.
+
+    Measured: SIGINT during Olive's `import onnxruntime` surfaces as an ImportError, which Olive catches
+    and logs as "ORT ... module isn't installed", then carries on. Checked before an output is committed.
+    """
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def _out_of_space(err: BaseException) -> OSError | None:
@@ -203,6 +218,7 @@ def main(stage: str, body: Callable[[], None]) -> None:
     unchanged = f"{stage_dir(stage)}/ is unchanged (the previous complete output, or none)"
     try:
         body()
+        raise_if_interrupted()
     except (ConfigError, DataError, StageError) as err:
         # A tool that hit a full disk may only say so in its log (quoted in the StageError).
         full = _out_of_space(err) or next(
