@@ -239,11 +239,16 @@ def test_secrets_never_reach_stage_logs_errors_or_lineage(tmp_path: Path):
     ws = _workspace(tmp_path)
     leak = textwrap.dedent(
         """
-        import logging, os
+        import logging, os, sys
         from slmkit.stage import StageError, main
+
+        own = logging.getLogger("somelib")  # a library logging through its own handler, not the root's
+        own.addHandler(logging.StreamHandler(sys.stderr))
+        own.propagate = False
 
         def run():
             logging.getLogger("olive.engine").info("using token %s", os.environ["HF_TOKEN"])
+            own.warning("somelib sends %s", os.environ["HF_TOKEN"])
             raise StageError(f"hub refused token {os.environ['HF_TOKEN']}")
 
         main("base", run)
@@ -254,6 +259,7 @@ def test_secrets_never_reach_stage_logs_errors_or_lineage(tmp_path: Path):
     )
     assert result.returncode == 1
     assert "using token ***" in result.stderr and "hub refused token ***" in result.stderr
+    assert "somelib sends ***" in result.stderr
     assert FAKE_TOKEN not in result.stdout + result.stderr
     ok = _prepare(ws, HF_TOKEN=FAKE_TOKEN, HUGGING_FACE_HUB_TOKEN=FAKE_TOKEN)
     assert ok.returncode == 0, ok.stderr

@@ -8,7 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from slmkit.stage import RedactFilter, StageError, raise_if_interrupted, stage_dir
+from slmkit.stage import RedactFilter, StageError, raise_if_interrupted, redact_all_handlers, stage_dir
 
 # What each Olive-driven stage keeps of its Olive run, beside its output.
 RECORD_FILES = ("olive_config.json", "olive.log")
@@ -29,6 +29,7 @@ def run_workflow(config: dict, work_dir: Path, what: str) -> Path:
     """Run `config` with Olive, logging to work_dir/olive.log; return Olive's output folder."""
     from olive.workflows import run
 
+    redact_all_handlers()  # Olive logs to the console through its own handler
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "olive_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     log_path = work_dir / "olive.log"

@@ -57,6 +57,18 @@ class RedactFilter(logging.Filter):
         return True
 
 
+def redact_all_handlers() -> None:
+    """Put RedactFilter on every handler that exists now: the root's and those libraries attach to their loggers."""
+    loggers = [
+        logging.getLogger(),
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactFilter) for f in handler.filters):
+                handler.addFilter(RedactFilter())
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -64,8 +76,7 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactFilter())
+    redact_all_handlers()
     # Olive sends anonymous usage data at exit unless told not to; it also costs seconds per stage.
     os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")
 
@@ -150,7 +161,7 @@ class StageError(RuntimeError):
     """A stage could not produce a valid output; the message says why and what to do."""
 
 
-class Interrupted(BaseException):  # noqa: N818 -- like KeyboardInterrupt: not an Exception, so nobody swallows it
+class Interrupted(BaseException):  # like KeyboardInterrupt: `except Exception` does not catch it
     """The stage got SIGINT, SIGTERM or SIGHUP: unwinds so that atomic_dir removes its temp folder."""
 
     def __init__(self, signum: int):
