@@ -17,8 +17,8 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params config finetune $(STAGES) sweep olive-config classify push pull lineage test test-fast \
-	lint clean \
+.PHONY: help env setup lock params config finetune _finetune $(STAGES) sweep olive-config classify push pull \
+	lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -43,23 +43,29 @@ params: env ## Compose conf/ (+ ARGS="key=value ...") into params.yaml
 config: env ## Dry run: print the config ARGS compose to and the stages `make finetune ARGS=...` would rerun
 	$(PY) scripts/compose.py --dry-run $(ARGS)
 
+# One run per workspace (slmkit.runlock): a second `make finetune` here refuses and changes nothing.
+RUNLOCK := $(PY) -m slmkit.runlock
+
 finetune: env ## Run the whole pipeline: data -> LoRA -> merge -> int4 ONNX -> eval (ARGS=overrides)
+	$(RUNLOCK) $(MAKE) --no-print-directory _finetune
+
+_finetune:
 	$(PY) scripts/compose.py $(ARGS)
 	$(if $(DVC_CACHE),dvc cache dir --local $(DVC_CACHE))
 	dvc repro
 	$(PY) -m slmkit.cli summary
 
 prepare base train merge quantize evaluate: env ## Run the pipeline up to this stage
-	dvc repro $@
+	$(RUNLOCK) dvc repro $@
 
 sweep: env ## Hydra multirun, one DVC experiment per job: make sweep ARGS="lora.r=4,8 train.learning_rate=1e-4,3e-4"
 	$(PY) scripts/compose.py
-	dvc repro base
+	$(RUNLOCK) dvc repro base
 	$(PY) scripts/sweep.py --multirun $(ARGS)
 
 olive-config: env ## Eject: one Olive config for `olive run --config olive-config/olive_config.json`
 	$(PY) scripts/compose.py $(ARGS)
-	dvc repro base
+	$(RUNLOCK) dvc repro base
 	$(PY) scripts/eject.py olive-config
 
 classify: env ## Label a phrase with the int4 model: make classify TEXT="I can't stop smiling"

@@ -9,7 +9,7 @@ tokenizer. For hub models the weights stay in the Hugging Face cache at the pinn
 base.json points at them.
 """
 
-from slmkit import hub, lineage
+from slmkit import hub, lineage, resources
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.prompt import build_training_text
@@ -19,6 +19,7 @@ from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
 def run() -> None:
     cfg = load_params()
     prepared = stage_dir("prepare")
+    resources.preflight("base", cfg, cfg.model.path)
     with atomic_dir(stage_dir("base")) as out:
         train = read_split(prepared / "train.jsonl")
         # The tokenizer sees the prompt scaffolding and labels too, so they become few tokens.

@@ -5,7 +5,7 @@ python scripts/merge.py      (reads params.yaml, artifacts/base/, artifacts/trai
 
 import shutil
 
-from slmkit import lineage, olive_config, olive_run
+from slmkit import lineage, olive_config, olive_run, resources
 from slmkit.config import load_params
 from slmkit.inference import save_prompt_config
 from slmkit.stage import atomic_dir, main, read_json, stage_dir
@@ -14,6 +14,7 @@ from slmkit.stage import atomic_dir, main, read_json, stage_dir
 def run() -> None:
     cfg = load_params()
     base_path = read_json(stage_dir("base") / "base.json")["model_path"]
+    resources.preflight("merge", cfg, base_path)
     work = olive_run.scratch("merge")
     workflow = olive_config.merge_workflow(cfg, base_path, stage_dir("train") / "adapter", work)
     output = olive_run.run_workflow(workflow, work, "adapter merge")
@@ -21,6 +22,7 @@ def run() -> None:
     olive_run.require([model / "config.json", model / "tokenizer_config.json"], "adapter merge", work / "olive.log")
     if not any(model.glob("*.safetensors")):
         olive_run.require([model / "model.safetensors"], "adapter merge", work / "olive.log")
+    olive_run.check_merged(model, work / "olive.log")
 
     with atomic_dir(stage_dir("merge")) as out:
         shutil.copytree(model, out / "model")

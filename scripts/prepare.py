@@ -5,21 +5,28 @@ python scripts/prepare.py        (reads params.yaml; writes artifacts/prepare/)
 
 from slmkit import lineage
 from slmkit.config import load_params
-from slmkit.data import SPLITS, label_counts, read_examples, sha256_file, split_examples, write_split
+from slmkit.data import SPLITS, DataError, label_counts, read_examples, sha256_file, split_examples, write_split
 from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
 
 
 def run() -> None:
     cfg = load_params()
     examples, repeats = read_examples(cfg.data.path, cfg.data)
+    truncated = sum(e.truncated for e in examples)
     if repeats:
         log.warning("dropped %d exact repeat(s) of a phrase before splitting", repeats)
-    splits = split_examples(examples, cfg.data, cfg.seed)
+    if truncated:
+        log.warning("truncated %d phrase(s) to data.max_chars=%d characters", truncated, cfg.data.max_chars)
+    try:
+        splits = split_examples(examples, cfg.data, cfg.seed)
+    except DataError as err:
+        raise DataError(f"{cfg.data.path}: {err}") from None
     with atomic_dir(stage_dir("prepare")) as out:
         manifest = {
             "source": {"path": cfg.data.path, "sha256": sha256_file(cfg.data.path)},
             "examples": len(examples),
             "repeats_dropped": repeats,
+            "truncated": truncated,
             "splits": {},
         }
         for name in SPLITS:
@@ -34,9 +41,10 @@ def run() -> None:
         write_json(out / "manifest.json", manifest)
         lineage.write(out, "prepare", cfg, ("seed", "data"), manifest)
     log.info(
-        "%d examples (%d repeats dropped): %s",
+        "%d examples (%d repeats dropped, %d truncated): %s",
         len(examples),
         repeats,
+        truncated,
         ", ".join(f"{n} {len(splits[n])}" for n in SPLITS),
     )
 

@@ -9,7 +9,7 @@ tokenizer files, slmkit_prompt.json (the prompt the model was trained with) and 
 import csv
 import shutil
 
-from slmkit import lineage, olive_config, olive_run
+from slmkit import lineage, olive_config, olive_run, resources
 from slmkit.config import load_params
 from slmkit.inference import GenaiModel, save_prompt_config
 from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir
@@ -20,6 +20,7 @@ OLIVE_FILES = ("footprint.json", "output_footprint.json", "model_config.json", "
 
 def run() -> None:
     cfg = load_params()
+    resources.preflight("quantize", cfg, stage_dir("merge") / "model")
     work = olive_run.scratch("quantize")
     workflow = olive_config.quantize_workflow(cfg, stage_dir("merge") / "model", work)
     output = olive_run.run_workflow(workflow, work, f"ModelBuilder {cfg.builder.precision}")

@@ -11,7 +11,7 @@ import resource
 import shutil
 import time
 
-from slmkit import lineage, olive_config, olive_run
+from slmkit import lineage, olive_config, olive_run, resources
 from slmkit.config import load_params
 from slmkit.stage import (
     TRAIN_LOSS_CSV,
@@ -66,6 +66,7 @@ def run() -> None:
     cfg = load_params()
     seed_everything(cfg.seed)
     base_path = read_json(stage_dir("base") / "base.json")["model_path"]
+    resources.preflight("train", cfg, base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     eos = tokenizer.eos_token
     work = olive_run.scratch("train")
@@ -82,6 +83,7 @@ def run() -> None:
         "LoRA training",
         work / "olive.log",
     )
+    olive_run.check_adapter(adapter, cfg.lora.target_modules, work / "olive.log")
     states = sorted((work / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     if not states:
         raise StageError(f"Olive LoRA training left no trainer_state.json under {work / 'checkpoints'}")

@@ -160,6 +160,7 @@ def test_bad_override_is_config_error_naming_the_key(overrides: list[str], key: 
         (["data.labels=[a,A]"], "data.labels"),
         (["data.labels=[a,' ']"], "data.labels"),
         (["data.max_chars=0"], "data.max_chars"),
+        (["data.on_too_long=skip"], "data.on_too_long"),
         (["data.val_fraction=0"], "data.val_fraction"),
         (["data.test_fraction=1"], "data.test_fraction"),
         (["data.val_fraction=0.6", "data.test_fraction=0.6"], "test_fraction"),

@@ -97,6 +97,30 @@ def test_phrase_at_max_chars_is_accepted(write_jsonl, row, data_cfg: DataConfig)
     assert len(examples[0].text) == data_cfg.max_chars
 
 
+def test_over_long_phrase_refusal_says_how_to_truncate_instead(write_jsonl, row, data_cfg: DataConfig):
+    assert data_cfg.on_too_long == "refuse"
+    message = _error(write_jsonl([row("x" * (data_cfg.max_chars + 1), data_cfg.labels[0])]), data_cfg)
+    assert "data.on_too_long=truncate" in message
+
+
+def test_over_long_phrases_are_truncated_and_marked_when_configured(write_jsonl, row, data_cfg: DataConfig):
+    data = dataclasses.replace(data_cfg, max_chars=10, on_too_long="truncate")
+    rows = [
+        row("short", data.labels[0]),
+        row("a much longer phrase", data.labels[1]),
+        row("exactly 10", data.labels[0]),
+    ]
+    examples, _ = read_examples(write_jsonl(rows), data)
+    assert [(e.text, e.truncated) for e in examples] == [("short", False), ("a much lon", True), ("exactly 10", False)]
+
+
+def test_phrases_equal_after_truncation_with_two_labels_say_so(write_jsonl, row, data_cfg: DataConfig):
+    data = dataclasses.replace(data_cfg, max_chars=10, on_too_long="truncate")
+    path = write_jsonl([row("same start, ending one", data.labels[0]), row("same start, ending two", data.labels[1])])
+    message = _error(path, data)
+    assert f"{path}:2" in message and "line 1" in message and "after truncating" in message
+
+
 def test_custom_column_names(write_jsonl, data_cfg: DataConfig):
     data = dataclasses.replace(data_cfg, text_column="sentence", label_column="y")
     examples, _ = read_examples(write_jsonl([{"sentence": "hello", "y": data.labels[0]}]), data)

@@ -16,9 +16,9 @@ from slmkit.stage import StageError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _prepare_in(tmp_path: Path, data_lines: list[str]) -> subprocess.CompletedProcess:
+def _prepare_in(tmp_path: Path, data_lines: list[str], *overrides: str) -> subprocess.CompletedProcess:
     (tmp_path / "data.jsonl").write_text("\n".join(data_lines) + "\n", encoding="utf-8")
-    cfg = compose([f"data.path={tmp_path / 'data.jsonl'}"])
+    cfg = compose([f"data.path={tmp_path / 'data.jsonl'}", *overrides])
     (tmp_path / "params.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "prepare.py")],
@@ -49,6 +49,21 @@ def test_prepare_writes_splits_and_manifest(tmp_path: Path):
     assert manifest["examples"] == 20 * len(labels)
     assert sum(s["count"] for s in manifest["splits"].values()) == manifest["examples"]
     assert "dropped 1 exact repeat" in result.stderr
+
+
+def test_prepare_truncates_long_phrases_when_configured_and_counts_them(tmp_path: Path):
+    labels = compose().data.labels
+    lines = [json.dumps({"phrase": f"phrase number {i} about {lab}", "tone": lab}) for lab in labels for i in range(20)]
+    lines[0] = json.dumps({"phrase": "a very long phrase " * 10, "tone": labels[0]})
+    lines[1] = json.dumps({"phrase": "another long phrase " * 10, "tone": labels[0]})
+    result = _prepare_in(tmp_path, lines, "data.max_chars=60", "data.on_too_long=truncate")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "artifacts/prepare/manifest.json").read_text())
+    assert manifest["truncated"] == 2 and manifest["examples"] == 20 * len(labels)
+    assert "truncated 2 phrase(s) to data.max_chars=60" in result.stderr
+    splits = [(tmp_path / f"artifacts/prepare/{f}.jsonl").read_text() for f in ("train", "val", "test")]
+    texts = [json.loads(line)["text"] for text in splits for line in text.splitlines()]
+    assert max(map(len, texts)) <= 60
 
 
 def test_missing_params_is_a_clear_error(tmp_path: Path):

@@ -20,6 +20,7 @@ QLORA_QUANT_TYPES = ("nf4", "fp4")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 # transformers.TrainingArguments optimizers slmkit has run (paged_* need a CUDA GPU).
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd")
+TOO_LONG_POLICIES = ("refuse", "truncate")
 
 
 class ConfigError(ValueError):
@@ -35,7 +36,8 @@ class DataConfig:
     # Training text = template with {text} and {label} filled in, then the tokenizer's EOS.
     # Everything before {label} is the prompt; {label} must be the last placeholder.
     template: str = MISSING
-    max_chars: int = 400  # longer phrases are refused in `prepare`
+    max_chars: int = 400  # longest phrase, in characters (after collapsing whitespace)
+    on_too_long: str = "refuse"  # refuse | truncate (cut to max_chars; `prepare` reports how many)
     val_fraction: float = 0.1
     test_fraction: float = 0.2
 
@@ -159,6 +161,7 @@ def check_values(cfg: Config) -> None:
         "{label} must come after {text}: the model reads the text, then writes the label",
     )
     _check(d.max_chars > 0, "data.max_chars", "must be > 0")
+    _check_choice(d.on_too_long, "data.on_too_long", TOO_LONG_POLICIES)
     for key, value in (("val_fraction", d.val_fraction), ("test_fraction", d.test_fraction)):
         _check(0 < value < 1, f"data.{key}", f"must be in (0, 1), got {value}")
     _check(d.val_fraction + d.test_fraction < 1, "data", "val_fraction + test_fraction must be < 1")

@@ -25,6 +25,7 @@ class Example:
     text: str
     label: str
     line: int  # 1-based line in the source file
+    truncated: bool = False  # cut to data.max_chars (data.on_too_long=truncate)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -39,7 +40,8 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
     """Read and validate every line; return (unique examples, number of exact repeats dropped).
 
     Any problem is a DataError naming the file and line. Exact repeats of a phrase with the same label
-    are dropped; the same phrase with two different labels is an error.
+    are dropped; the same phrase with two different labels is an error. A phrase over data.max_chars is
+    an error, or (data.on_too_long=truncate) cut to max_chars and marked `truncated`.
     """
     path = Path(path)
     if not path.is_file():
@@ -82,10 +84,13 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
         text = " ".join(text.split())  # one line, single spaces: the prompt format depends on it
         if not text:
             raise DataError(f"{where}: '{data.text_column}' is empty; remove the line or fill it in")
-        if len(text) > data.max_chars:
+        truncated = len(text) > data.max_chars
+        if truncated and data.on_too_long == "truncate":
+            text = text[: data.max_chars].rstrip()
+        elif truncated:
             raise DataError(
                 f"{where}: '{data.text_column}' has {len(text)} characters, over data.max_chars={data.max_chars}; "
-                "shorten it or raise data.max_chars"
+                "shorten it, raise data.max_chars, or set data.on_too_long=truncate"
             )
         label = normalize_label(data, label_raw)
         if label is None:
@@ -100,13 +105,14 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
         if key in seen:
             first = seen[key]
             if first.label != label:
+                cut = " (after truncating to data.max_chars)" if truncated or first.truncated else ""
                 raise DataError(
-                    f"{where}: phrase also appears at line {first.line} with label '{first.label}', here "
+                    f"{where}: phrase also appears at line {first.line}{cut} with label '{first.label}', here "
                     f"'{label}'; keep one label per phrase"
                 )
             repeats += 1
             continue
-        ex = Example(text=text, label=label, line=lineno)
+        ex = Example(text=text, label=label, line=lineno, truncated=truncated)
         seen[key] = ex
         examples.append(ex)
     if not examples:

@@ -8,7 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from slmkit.stage import StageError, stage_dir
+from slmkit.stage import RedactFilter, StageError, raise_if_interrupted, redact_all_handlers, stage_dir
 
 # What each Olive-driven stage keeps of its Olive run, beside its output.
 RECORD_FILES = ("olive_config.json", "olive.log")
@@ -29,11 +29,13 @@ def run_workflow(config: dict, work_dir: Path, what: str) -> Path:
     """Run `config` with Olive, logging to work_dir/olive.log; return Olive's output folder."""
     from olive.workflows import run
 
+    redact_all_handlers()  # Olive logs to the console through its own handler
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "olive_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     log_path = work_dir / "olive.log"
     handler = logging.FileHandler(log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.addFilter(RedactFilter())
     olive_logger = logging.getLogger("olive")
     olive_logger.addHandler(handler)
     log.info("running Olive %s (log: %s)", what, log_path)
@@ -46,6 +48,7 @@ def run_workflow(config: dict, work_dir: Path, what: str) -> Path:
     finally:
         olive_logger.removeHandler(handler)
         handler.close()
+    raise_if_interrupted()  # Olive may have caught the signal's exception and carried on
     return Path(config["output_dir"])
 
 
@@ -57,6 +60,46 @@ def require(paths: list[Path], what: str, log_path: Path) -> None:
         raise StageError(
             f"Olive {what} produced no usable output (missing or empty: {names}).\n"
             f"{_relevant_lines(log_path)}\n  full log: {log_path}"
+        )
+
+
+def _tensor_names(files: list[Path], what: str, log_path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names += list(f.keys())
+        except Exception as err:
+            raise StageError(
+                f"Olive {what} wrote {file}, but it is not a readable safetensors file ({err}).\n"
+                f"{_relevant_lines(log_path)}\n  full log: {log_path}"
+            ) from None
+    return names
+
+
+def check_adapter(adapter: Path, target_modules: list[str], log_path: Path) -> None:
+    """Fail unless the adapter holds LoRA A and B weights for every configured target module."""
+    names = _tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
+    lora = [n for n in names if "lora_" in n]
+    missing = [m for m in target_modules if not any(f".{m}." in n for n in lora)]
+    if not lora or missing:
+        raise StageError(
+            f"Olive LoRA training wrote an adapter without LoRA weights for {missing or target_modules} "
+            f"(lora.target_modules); it has {len(names)} tensors.\n  full log: {log_path}"
+        )
+
+
+def check_merged(model: Path, log_path: Path) -> None:
+    """Fail unless the merged model's weights are readable and hold no LoRA tensors (the merge happened)."""
+    files = sorted(model.glob("*.safetensors"))
+    names = _tensor_names(files, "adapter merge", log_path)
+    left = [n for n in names if "lora_" in n]
+    if not names or left:
+        raise StageError(
+            f"Olive adapter merge wrote {model} with {len(names)} tensors, {len(left)} of them still LoRA "
+            f"weights: the adapter was not merged.\n{_relevant_lines(log_path)}\n  full log: {log_path}"
         )
 
 
