@@ -180,8 +180,6 @@ def check_values(cfg: Config) -> None:
     _check(m.max_length > 8, "model.max_length", "must be > 8 tokens")
 
     _check(bool(m.target_modules), "model.target_modules", "list at least one module name, e.g. qkv_proj")
-    if m.source != "tiny":
-        _check(m.tiny is None, "model.tiny", f"only for source=tiny; set it to null for source={m.source}")
 
     lo = cfg.lora
     _check_choice(lo.method, "lora.method", LORA_METHODS)
