@@ -12,21 +12,13 @@ import shutil
 from slmkit import lineage, olive_config, olive_run
 from slmkit.config import load_params
 from slmkit.data import read_split
-from slmkit.prompt import build_completion, build_prompt
 from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir, write_text
 from slmkit.tiny import seed_everything
 
 
 def render(cfg, split: str, eos: str, path) -> None:
     """Write a split as rendered prompt/completion pairs, one JSON line each."""
-    examples = read_split(stage_dir("prepare") / f"{split}.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        for e in examples:
-            row = {
-                olive_config.PROMPT_COLUMN: build_prompt(cfg.data, e.text),
-                olive_config.COMPLETION_COLUMN: build_completion(cfg.data, e.label, eos),
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    olive_config.render_split(cfg.data, read_split(stage_dir("prepare") / f"{split}.jsonl"), eos, path)
 
 
 def loss_curve(trainer_state: dict) -> list[dict]:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from slmkit.config import Config
+from slmkit.config import Config, DataConfig
+from slmkit.prompt import build_completion, build_prompt
 
 # Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
 OLIVE_DATA_SCRIPT = Path(__file__).with_name("olive_data.py")
+
+
+def render_split(data: DataConfig, examples: list, eos: str, path: Path) -> None:
+    """Write examples as the prompt/completion JSON lines the LoRA pass trains on (slmkit.prompt renders them)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+            row = {PROMPT_COLUMN: build_prompt(data, e.text), COMPLETION_COLUMN: build_completion(data, e.label, eos)}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _system(cfg: Config, *, for_builder: bool = False) -> dict[str, Any]:
