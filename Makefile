@@ -7,6 +7,8 @@ VENV ?= .venv
 EXTRA ?= cpu
 ARGS ?=
 TEXT ?=
+FILE ?=
+MODEL ?= int4
 ARTIFACT ?=
 PY := $(VENV)/bin/python
 # setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
@@ -17,8 +19,8 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params config finetune _finetune $(STAGES) sweep olive-config classify push pull \
-	lineage test test-fast lint clean \
+.PHONY: help env setup lock params config finetune _finetune $(STAGES) sweep olive-config classify chat \
+	report bench bench-overhead push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -68,9 +70,21 @@ olive-config: env ## Eject: one Olive config for `olive run --config olive-confi
 	$(RUNLOCK) dvc repro base
 	$(PY) scripts/eject.py olive-config
 
-classify: env ## Label a phrase with the int4 model: make classify TEXT="I can't stop smiling"
-	@test -n "$(TEXT)" || { echo 'usage: make classify TEXT="a phrase"'; exit 2; }
-	$(PY) -m slmkit.cli classify "$(TEXT)"
+classify: env ## Label a phrase (TEXT="...") or a file (FILE=phrases.txt|.jsonl); MODEL=int4|merged|base|<folder>
+	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make classify TEXT="a phrase"  or  make classify FILE=phrases.txt'; exit 2; }
+	$(PY) -m slmkit.cli classify --model $(MODEL) $(if $(FILE),--file "$(FILE)","$(TEXT)")
+
+chat: env ## Free generation with the fine-tuned model, line by line (MODEL=int4|merged|base|<folder>)
+	$(PY) -m slmkit.cli chat --model $(MODEL)
+
+report: env ## Write reports/report.html for the last run: config, lineage, metrics, plots, latency, size
+	$(PY) scripts/report.py
+
+bench: env ## Latency/speed/memory/size: int4 ONNX vs fp32 ONNX vs PyTorch, tiny + medium model -> metrics/bench.json
+	$(PY) scripts/bench.py
+
+bench-overhead: env ## Kit pipeline time vs the same Olive configs by bare `olive run` -> metrics/bench.json
+	$(PY) scripts/bench.py --overhead
 
 push: env ## Upload outputs and DVC's run cache to the DVC remote (dvc remote add -d NAME URL)
 	dvc push --run-cache

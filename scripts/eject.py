@@ -13,6 +13,7 @@ from pathlib import Path
 
 from slmkit import olive_config
 from slmkit.config import load_params
+from slmkit.data import read_split
 from slmkit.stage import StageError, log, main, read_json, stage_dir, write_text
 
 
@@ -28,7 +29,9 @@ def run() -> None:
     eos = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code).eos_token
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
-        olive_config.render_split(cfg.data, stage_dir("prepare") / f"{split}.jsonl", eos, out / f"{split}_text.jsonl")
+        olive_config.render_split(
+            cfg.data, read_split(stage_dir("prepare") / f"{split}.jsonl"), eos, out / f"{split}_text.jsonl"
+        )
     workflow = olive_config.single_workflow(cfg, base_path, out / "train_text.jsonl", out / "val_text.jsonl", out)
     write_text(out / "olive_config.json", json.dumps(workflow, indent=2) + "\n")
     log.info("wrote %s: run it with `olive run --config %s`", out / "olive_config.json", out / "olive_config.json")

@@ -1,53 +1,88 @@
-"""Stage `evaluate`: test-split accuracy of the int4 ONNX model and the merged PyTorch model, plus a baseline.
+"""Stage `evaluate`: the base (zero-shot), merged PyTorch and int4 ONNX models on the test split, and the parity gate.
 
-    python scripts/evaluate.py   (reads params.yaml, artifacts/prepare|merge|quantize/; writes
-                                  artifacts/evaluate/predictions.jsonl and metrics/eval.json)
+    python scripts/evaluate.py   (reads params.yaml, artifacts/prepare|base|merge|quantize/; writes
+                                  artifacts/evaluate/predictions.jsonl, metrics/eval.json and
+                                  metrics/confusion/<model>.csv)
 
-Both models get the same prompt (slmkit.prompt) and greedy decoding. The bag-of-words
-logistic regression on the same split is the bar the fine-tuned model should clear.
+Every model gets the same prompt (slmkit.prompt) and is scored with both decodings (stop-based and
+constrained to the label set); the headline figures use `evaluate.decoding`. A bag-of-words logistic
+regression on the same split is the bar the fine-tuned model should clear. The stage fails (after writing
+its metrics) when the quantized model's accuracy is more than `evaluate.parity_tolerance` below the merged
+model's.
 """
 
 import json
 
 from slmkit import inference, lineage
-from slmkit.config import load_params
+from slmkit.config import DECODINGS, load_params
 from slmkit.data import read_split
-from slmkit.evaluate import bag_of_words_baseline, score
-from slmkit.stage import EVAL_JSON, atomic_dir, log, main, stage_dir, write_json
+from slmkit.evaluate import INVALID, bag_of_words_baseline, parity_gate, score
+from slmkit.stage import CONFUSION_DIR, EVAL_JSON, atomic_dir, log, main, read_json, stage_dir, write_json, write_text
 
 
 def run() -> None:
     cfg = load_params()
+    e = cfg.evaluate
     prepared = stage_dir("prepare")
     train = read_split(prepared / "train.jsonl")
     test = read_split(prepared / "test.jsonl")
-    n_new, remote = cfg.evaluate.max_new_tokens, cfg.model.trust_remote_code
-    models = {
-        f"{cfg.builder.precision}_onnx": inference.load(stage_dir("quantize") / "model", cfg.data, n_new),
-        "merged_pytorch": inference.load(stage_dir("merge") / "model", cfg.data, n_new, trust_remote_code=remote),
+    quantized = f"{cfg.builder.precision}_onnx"
+    remote = cfg.model.trust_remote_code
+    paths = {
+        quantized: stage_dir("quantize") / "model",
+        "merged_pytorch": stage_dir("merge") / "model",
+        # Zero-shot: the model LoRA started from, with the same prompt.
+        "base_pytorch": read_json(stage_dir("base") / "base.json")["model_path"],
     }
-    metrics: dict = {}
-    rows: list[dict] = [{} for _ in test]
-    for name, clf in models.items():
-        metrics[name], model_rows = score(name, clf, test)
-        for row, new in zip(rows, model_rows, strict=True):
-            row.update(new)
+    metrics: dict = {"decoding": e.decoding}
+    comparison: dict = {}
+    rows: list[dict] = [{"text": ex.text, "label": ex.label} for ex in test]
+    for name, path in paths.items():
+        clf = inference.load(path, cfg.data, e.max_new_tokens, trust_remote_code=remote)
+        comparison[name] = {}
+        for decoding in DECODINGS:
+            m, model_rows = score(f"{name}", clf, test, decoding, progress_every=e.batch_size)
+            comparison[name][decoding] = {k: m[k] for k in ("accuracy", "macro_f1", "invalid_rate")}
+            comparison[name][decoding]["seconds_per_example"] = m["seconds_per_example"]
+            if decoding == e.decoding:
+                metrics[name] = m
+                for row, new in zip(rows, model_rows, strict=True):
+                    row.update(new)
+        m = metrics[name]
         log.info(
-            "%s accuracy %.4f (invalid outputs %.1f%%)",
+            "%s accuracy %.4f macro-F1 %.4f (invalid %.1f%%)",
             name,
-            metrics[name]["accuracy"],
-            100 * metrics[name]["invalid_rate"],
+            m["accuracy"],
+            m["macro_f1"],
+            100 * m["invalid_rate"],
         )
-    metrics["bag_of_words"] = bag_of_words_baseline(train, test, cfg.seed)
+    metrics["bag_of_words"] = bag_of_words_baseline(train, test, cfg.seed, list(cfg.data.labels))
+    metrics["decoding_comparison"] = comparison
     log.info("bag-of-words baseline accuracy %.4f", metrics["bag_of_words"]["accuracy"])
 
     with atomic_dir(stage_dir("evaluate")) as out:
         with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        sections = ("seed", "data", "model", "lora", "train", "builder", "evaluate")
-        lineage.write(out, "evaluate", cfg, sections)
+        lineage.write(out, "evaluate", cfg, ("seed", "data", "model", "lora", "train", "builder", "evaluate"))
         write_json(EVAL_JSON, metrics)
+        for name in paths:  # one row per test phrase: DVC's confusion template counts them
+            lines = [f"{r['label']},{r[f'{name}_pred'] or INVALID}\n" for r in rows]
+            write_text(CONFUSION_DIR / f"{name}.csv", "actual,predicted\n" + "".join(lines))
+    parity_gate(
+        quantized,
+        metrics[quantized]["accuracy"],
+        "merged_pytorch",
+        metrics["merged_pytorch"]["accuracy"],
+        e.parity_tolerance,
+    )
+    log.info(
+        "parity gate passed: %s %.4f vs merged_pytorch %.4f (tolerance %.2f)",
+        quantized,
+        metrics[quantized]["accuracy"],
+        metrics["merged_pytorch"]["accuracy"],
+        e.parity_tolerance,
+    )
 
 
 if __name__ == "__main__":

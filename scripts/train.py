@@ -13,6 +13,7 @@ import time
 
 from slmkit import lineage, olive_config, olive_run, resources
 from slmkit.config import load_params
+from slmkit.data import read_split
 from slmkit.stage import (
     TRAIN_LOSS_CSV,
     StageError,
@@ -72,7 +73,9 @@ def run() -> None:
     work = olive_run.scratch("train")
     work.mkdir(parents=True)
     for split in ("train", "val"):
-        olive_config.render_split(cfg.data, stage_dir("prepare") / f"{split}.jsonl", eos, work / f"{split}_text.jsonl")
+        olive_config.render_split(
+            cfg.data, read_split(stage_dir("prepare") / f"{split}.jsonl"), eos, work / f"{split}_text.jsonl"
+        )
     workflow = olive_config.train_workflow(cfg, base_path, work / "train_text.jsonl", work / "val_text.jsonl", work)
     started = time.monotonic()
     output = olive_run.run_workflow(workflow, work, "LoRA training")

@@ -187,7 +187,7 @@ class _EchoModel:
 def test_classifier_uses_the_training_prompt_and_stop_marker(any_data_cfg: DataConfig):
     label = any_data_cfg.labels[-1]
     model = _EchoModel(label.lower() + stop_marker(any_data_cfg) + "junk")
-    preds = Classifier(model, any_data_cfg, max_new_tokens=5).classify(["one", "two"])
+    preds = Classifier(model, any_data_cfg, max_new_tokens=5, decoding="stop").classify(["one", "two"])
     assert [p.label for p in preds] == [label, label]
     assert [p.text for p in preds] == ["one", "two"]
     assert model.calls == [
@@ -197,6 +197,6 @@ def test_classifier_uses_the_training_prompt_and_stop_marker(any_data_cfg: DataC
 
 
 def test_classifier_reports_invalid_output_as_none(data_cfg: DataConfig):
-    preds = Classifier(_EchoModel("no idea"), data_cfg).classify(["x"])
+    preds = Classifier(_EchoModel("no idea"), data_cfg, decoding="stop").classify(["x"])
     assert preds[0].label is None
     assert preds[0].output == "no idea"

@@ -1,4 +1,4 @@
-"""`slmkit classify|summary|lineage`: use the fine-tuned model from the command line."""
+"""`slmkit classify|chat|summary|lineage`: use the fine-tuned model from the command line."""
 
 from __future__ import annotations
 
@@ -7,29 +7,114 @@ import json
 import sys
 from pathlib import Path
 
+from slmkit.config import DECODINGS
+from slmkit.inference import DEFAULT_DECODING
 from slmkit.stage import EVAL_JSON, stage_dir
 
 DEFAULT_MODEL = stage_dir("quantize") / "model"
+# --model accepts a folder or one of these names for the pipeline's outputs.
+MODEL_NAMES = {"int4": DEFAULT_MODEL, "onnx": DEFAULT_MODEL, "merged": stage_dir("merge") / "model", "base": None}
+
+
+def _resolve_model(name: str) -> tuple[Path, object]:
+    """A --model value -> (folder, prompt config or None when the folder carries its own)."""
+    if name not in MODEL_NAMES:
+        return Path(name), None
+    from slmkit.config import load_params
+
+    if name == "base":  # the base has no slmkit_prompt.json: it never saw the prompt; use params.yaml's
+        from slmkit.stage import read_json
+
+        base = stage_dir("base") / "base.json"
+        if not base.exists():
+            raise FileNotFoundError(f"{base} not found: run `make finetune` (or `make base`) first")
+        return Path(read_json(base)["model_path"]), load_params().data
+    return MODEL_NAMES[name], None
+
+
+def _read_phrases(args: argparse.Namespace) -> list[str]:
+    """Phrases from the arguments, a file (JSON lines or plain text, one per line) or stdin."""
+    if args.text:
+        return list(args.text)
+    if args.file:
+        lines = args.file.read_text(encoding="utf-8").splitlines()
+        source = str(args.file)
+    else:
+        lines, source = sys.stdin.read().splitlines(), "stdin"
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{source}:{number}: not valid JSON ({err.msg})") from None
+            keys = [args.text_key] if args.text_key else [k for k, v in row.items() if isinstance(v, str)][:1]
+            if not keys or not isinstance(row.get(keys[0]), str):
+                raise ValueError(f"{source}:{number}: no text field {args.text_key or ''!r}; use --text-key NAME")
+            texts.append(row[keys[0]])
+        else:
+            texts.append(line.strip())
+    return texts
+
+
+def _load(args: argparse.Namespace):
+    from slmkit.inference import load
+
+    path, data = _resolve_model(args.model)
+    return load(path, data, max_new_tokens=args.max_new_tokens, decoding=getattr(args, "decoding", DEFAULT_DECODING))
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from slmkit.inference import load
+    from tqdm import tqdm
 
-    texts = args.text or [line.strip() for line in sys.stdin if line.strip()]
+    try:
+        texts = _read_phrases(args)
+    except (OSError, ValueError) as err:
+        print(f"slmkit classify: error: {err}", file=sys.stderr)
+        return 2
     if not texts:
-        print("slmkit classify: give a phrase as an argument or on stdin", file=sys.stderr)
+        print("slmkit classify: give phrases as arguments, with --file, or on stdin", file=sys.stderr)
         return 2
     try:
-        clf = load(args.model, max_new_tokens=args.max_new_tokens)
-    except FileNotFoundError as err:
+        clf = _load(args)
+    except (FileNotFoundError, ValueError) as err:
         print(f"slmkit classify: error: {err}", file=sys.stderr)
         return 1
-    for pred in clf.classify(texts):
+    # The bar goes to stderr (results stay clean on stdout) and only for files and stdin, on a terminal.
+    for text in tqdm(texts, desc="classify", unit="phrase", disable=None if not args.text else True):
+        pred = clf.classify([text])[0]
         if args.json:
             print(json.dumps({"text": pred.text, "label": pred.label, "output": pred.output}, ensure_ascii=False))
         else:
-            print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}")
+            print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}", flush=True)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    try:
+        clf = _load(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"slmkit chat: error: {err}", file=sys.stderr)
+        return 1
+    interactive = not args.message
+    messages = [" ".join(args.message)] if args.message else iter(lambda: _prompt_line(), None)
+    for message in messages:
+        reply = clf.chat(message, max_new_tokens=args.max_new_tokens, template=not args.raw)
+        print(json.dumps({"message": message, "reply": reply}, ensure_ascii=False) if args.json else reply, flush=True)
+        if not interactive:
+            break
+    return 0
+
+
+def _prompt_line() -> str | None:
+    """One line from the user (a `> ` prompt on a terminal); None at end of input."""
+    try:
+        line = input("> " if sys.stdin.isatty() else "")
+    except EOFError:
+        return None
+    return line if line.strip() else _prompt_line()
 
 
 def _summary(args: argparse.Namespace) -> int:
@@ -38,10 +123,13 @@ def _summary(args: argparse.Namespace) -> int:
         return 1
     metrics = json.loads(EVAL_JSON.read_text())
     print(f"\nModel: {DEFAULT_MODEL}/  (onnxruntime-genai folder)")
-    print("Test accuracy:")
+    print(f"Test accuracy ({metrics.get('decoding', 'stop')} decoding):")
     for name, m in metrics.items():
-        extra = f"  (invalid outputs {m['invalid_rate']:.1%})" if "invalid_rate" in m else ""
+        if not isinstance(m, dict) or "accuracy" not in m:
+            continue
+        extra = f"  macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""
         print(f"  {name:<16} {m['accuracy']:.4f}{extra}")
+    print("Details: metrics/eval.json; a page with plots: make report")
     print('Try it: make classify TEXT="I can\'t stop smiling"')
     return 0
 
@@ -64,12 +152,23 @@ def _lineage(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slmkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    models = "a model folder, or int4 (default), merged or base (the pipeline's outputs)"
     p = sub.add_parser("classify", help="label phrases with the fine-tuned model")
-    p.add_argument("text", nargs="*", help="phrase(s); read from stdin (one per line) when none")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder (ONNX or PyTorch)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("text", nargs="*", help="phrase(s); else --file, else stdin (one per line)")
+    p.add_argument("--file", type=Path, help="phrases, one per line: plain text or JSON lines")
+    p.add_argument("--text-key", help="JSON lines: the field holding the phrase (default: the first text field)")
+    p.add_argument("--model", default="int4", help=models)
+    p.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="for --decoding stop")
     p.add_argument("--json", action="store_true", help="one JSON object per phrase")
     p.set_defaults(func=_classify)
+    c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
+    c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
+    c.add_argument("--model", default="int4", help=models)
+    c.add_argument("--raw", action="store_true", help="send the text as is, not inside the training prompt")
+    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("--json", action="store_true", help="one JSON object per reply")
+    c.set_defaults(func=_chat)
     s = sub.add_parser("summary", help="where the model is and its test accuracy")
     s.set_defaults(func=_summary)
     lin = sub.add_parser("lineage", help="where an artifact came from: each stage's data, config, code, versions")

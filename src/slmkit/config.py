@@ -21,6 +21,7 @@ TORCH_DTYPES = ("float32", "bfloat16", "float16")
 # transformers.TrainingArguments optimizers slmkit has run (paged_* need a CUDA GPU).
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd")
 TOO_LONG_POLICIES = ("refuse", "truncate")
+DECODINGS = ("stop", "constrained")
 
 
 class ConfigError(ValueError):
@@ -123,6 +124,9 @@ class BuilderConfig:
 class EvaluateConfig:
     max_new_tokens: int = 8
     batch_size: int = 16
+    decoding: str = "constrained"  # stop | constrained (slmkit.inference.DECODINGS); both are measured
+    # The stage fails when the quantized model's accuracy is more than this below the merged model's.
+    parity_tolerance: float = 0.02
 
 
 @dataclass
@@ -233,6 +237,8 @@ def check_values(cfg: Config) -> None:
     e = cfg.evaluate
     _check(e.max_new_tokens > 0, "evaluate.max_new_tokens", "must be > 0")
     _check(e.batch_size > 0, "evaluate.batch_size", "must be > 0")
+    _check_choice(e.decoding, "evaluate.decoding", DECODINGS)
+    _check(0 <= e.parity_tolerance < 1, "evaluate.parity_tolerance", f"must be in [0, 1), got {e.parity_tolerance}")
 
 
 def validate(raw: DictConfig | dict[str, Any], source: str = "config") -> Config:

@@ -1,45 +1,89 @@
-"""Metrics for a classifier on the test split, and the bag-of-words baseline beside it."""
+"""Metrics for a classifier on the test split (accuracy, macro-F1, per class, confusion), parity, baseline."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from slmkit.data import Example
 from slmkit.inference import Classifier
+from slmkit.stage import StageError
+
+# The confusion matrix's extra column: outputs that are not one of the labels.
+INVALID = "(invalid)"
+
+log = logging.getLogger(__name__)
 
 
 def accuracy(gold: list[str], pred: list[str | None]) -> float:
     return sum(g == p for g, p in zip(gold, pred, strict=True)) / len(gold)
 
 
-def score(name: str, clf: Classifier, test: list[Example], progress_every: int = 50) -> tuple[dict, list[dict]]:
-    """Classify the test split; return (metrics, per-example rows)."""
-    import logging
+def report(gold: list[str], pred: list[str | None], labels: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix.
 
-    log = logging.getLogger(__name__)
+    An invalid output (None) counts as wrong for its true class and as nobody's prediction, so it
+    lowers recall but not the precision of any label.
+    """
+    columns = [*labels, INVALID]
+    matrix = {g: dict.fromkeys(columns, 0) for g in labels}
+    for g, p in zip(gold, pred, strict=True):
+        matrix[g][p if p in labels else INVALID] += 1
+    per_class = {}
+    for label in labels:
+        tp = matrix[label][label]
+        predicted = sum(matrix[g][label] for g in labels)
+        support = sum(matrix[label].values())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": support,
+        }
+    macro_f1 = sum(c["f1"] for c in per_class.values()) / len(labels)
+    return {
+        "accuracy": round(accuracy(gold, pred), 4),
+        "macro_f1": round(macro_f1, 4),
+        "invalid_rate": round(sum(p is None for p in pred) / len(gold), 4),
+        "n": len(gold),
+        "per_class": per_class,
+        "confusion": {"labels": columns, "matrix": [[matrix[g][c] for c in columns] for g in labels]},
+    }
+
+
+def score(
+    name: str, clf: Classifier, test: list[Example], decoding: str, progress_every: int = 50
+) -> tuple[dict, list[dict]]:
+    """Classify the test split with one decoding; return (metrics, per-example rows)."""
     start = time.perf_counter()
     preds = []
     for i in range(0, len(test), progress_every):
         chunk = test[i : i + progress_every]
-        preds += clf.classify([e.text for e in chunk])
-        log.info("%s: %d/%d classified", name, len(preds), len(test))
+        preds += clf.classify([e.text for e in chunk], decoding=decoding)
+        log.info("%s (%s decoding): %d/%d classified", name, decoding, len(preds), len(test))
     seconds = time.perf_counter() - start
-    gold = [e.label for e in test]
-    labels = [p.label for p in preds]
-    metrics = {
-        "accuracy": round(accuracy(gold, labels), 4),
-        "invalid_rate": round(sum(label is None for label in labels) / len(test), 4),
-        "n": len(test),
-        "seconds_per_example": round(seconds / len(test), 5),
-    }
-    rows = [
-        {"text": e.text, "label": e.label, f"{name}_pred": p.label, f"{name}_output": p.output}
-        for e, p in zip(test, preds, strict=True)
-    ]
+    metrics = report([e.label for e in test], [p.label for p in preds], list(clf.data.labels))
+    metrics["seconds_per_example"] = round(seconds / len(test), 5)
+    rows = [{f"{name}_pred": p.label, f"{name}_output": p.output} for p in preds]
     return metrics, rows
 
 
-def bag_of_words_baseline(train: list[Example], test: list[Example], seed: int) -> dict:
+def parity_gate(quantized: str, quantized_acc: float, reference: str, reference_acc: float, tolerance: float) -> None:
+    """Fail when the quantized model's accuracy falls more than `tolerance` below the reference's."""
+    drop = reference_acc - quantized_acc
+    if drop > tolerance + 1e-9:
+        raise StageError(
+            f"parity gate: {quantized} accuracy {quantized_acc:.4f} is {100 * drop:.1f} points below "
+            f"{reference} accuracy {reference_acc:.4f}; the tolerance is {100 * tolerance:.1f} points "
+            "(evaluate.parity_tolerance). Check the builder settings (builder.*) or raise the tolerance; "
+            "the figures are in metrics/eval.json."
+        )
+
+
+def bag_of_words_baseline(train: list[Example], test: list[Example], seed: int, labels: list[str]) -> dict:
     """Logistic regression on word and word-pair counts: the bar a fine-tuned LM should clear."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -51,4 +95,4 @@ def bag_of_words_baseline(train: list[Example], test: list[Example], seed: int) 
     )
     model.fit([e.text for e in train], [e.label for e in train])
     pred = list(model.predict([e.text for e in test]))
-    return {"accuracy": round(accuracy([e.label for e in test], pred), 4), "n": len(test)}
+    return report([e.label for e in test], pred, labels)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.config import Config, DataConfig
+from slmkit.prompt import build_completion, build_prompt
 
 # Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
@@ -15,17 +16,11 @@ OLIVE_DATA_SCRIPT = Path(__file__).with_name("olive_data.py")
 OLIVE_PASS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA"}
 
 
-def render_split(data: DataConfig, split_jsonl: Path, eos_token: str, out: Path) -> None:
-    """Write a prepared split as the prompt/completion JSON lines the fine-tuning data config reads."""
-    from slmkit.data import read_split
-    from slmkit.prompt import build_completion, build_prompt
-
-    with open(out, "w", encoding="utf-8") as f:
-        for e in read_split(split_jsonl):
-            row = {
-                PROMPT_COLUMN: build_prompt(data, e.text),
-                COMPLETION_COLUMN: build_completion(data, e.label, eos_token),
-            }
+def render_split(data: DataConfig, examples: list, eos: str, path: Path) -> None:
+    """Write examples as the prompt/completion JSON lines the LoRA pass trains on (slmkit.prompt renders them)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+            row = {PROMPT_COLUMN: build_prompt(data, e.text), COMPLETION_COLUMN: build_completion(data, e.label, eos)}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

@@ -34,6 +34,12 @@ def build_training_text(data: DataConfig, text: str, label: str, eos_token: str)
     return build_prompt(data, text) + build_completion(data, label, eos_token)
 
 
+def label_suffix(data: DataConfig) -> str:
+    """What the template puts right after the label (empty when the label ends the template)."""
+    _, suffix = _split(data.template)
+    return suffix
+
+
 def stop_marker(data: DataConfig) -> str:
     """What ends the label in generated text: the template's suffix, or a newline if it has none."""
     _, suffix = _split(data.template)

@@ -19,6 +19,7 @@ ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
 TRAIN_LOSS_CSV = METRICS / "train_loss.csv"  # written by `train` (DVC plot)
 EVAL_JSON = METRICS / "eval.json"  # written by `evaluate` (DVC metrics)
+CONFUSION_DIR = METRICS / "confusion"  # <model>.csv, written by `evaluate` (DVC confusion plots)
 # The pipeline, in order. dvc.yaml, the Makefile and scripts/ use the same names.
 STAGES = ("prepare", "base", "train", "merge", "quantize", "evaluate")
 

@@ -1,0 +1,204 @@
+"""`make bench`: latency, decode speed, memory and size of int4 ONNX vs fp32 ONNX vs PyTorch; pipeline overhead.
+
+    python scripts/bench.py                 # tiny pipeline models + medium Phi-3-layout model -> metrics/bench.json
+    python scripts/bench.py --overhead      # kit's train+merge+quantize vs the same Olive configs by `olive run`
+
+The tiny models are the pipeline's own (artifacts/merge/model, artifacts/quantize/model) plus an fp32
+ONNX build of the merged model. The medium model has the real Phi-3 layout (vocab 32064) at ~220 M
+parameters with random weights, built once into artifacts/bench/ and converted by the same Olive
+ModelBuilder configs as the quantize stage. Every model is measured on the same test phrases, each in
+its own process. Timings are for this machine only: metrics/bench.json records which one.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from slmkit import bench, olive_config, olive_run
+from slmkit.config import compose, load_params
+from slmkit.data import read_split
+from slmkit.prompt import build_prompt
+from slmkit.stage import ARTIFACTS, METRICS, StageError, log, main, read_json, stage_dir, write_json
+
+BENCH_JSON = METRICS / "bench.json"
+BENCH_DIR = ARTIFACTS / "bench"
+
+
+def machine() -> dict:
+    import psutil
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
+
+
+def build_onnx(cfg, builder: str, hf_model: Path, out: Path) -> Path:
+    """The quantize stage's Olive ModelBuilder config for `builder` (conf/builder/<builder>.yaml)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.builder = compose([f"builder={builder}"]).builder
+    work = out.with_name(f".olive-{out.name}")
+    shutil.rmtree(work, ignore_errors=True)
+    output = olive_run.run_workflow(
+        olive_config.quantize_workflow(cfg, hf_model, work), work, f"ModelBuilder {builder}"
+    )
+    olive_run.require(
+        [output / "model.onnx", output / "genai_config.json"], f"ModelBuilder {builder}", work / "olive.log"
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(
+        output, out, ignore=shutil.ignore_patterns("*footprint.json", "model_config.json", "run_history.txt")
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def medium_models(cfg, layout: bench.MediumModel, texts: list[str]) -> dict[str, Path]:
+    """Build (once per layout) the medium model in PyTorch, int4 ONNX and fp32 ONNX form."""
+    root = BENCH_DIR / "medium"
+    stamp = root / "layout.json"
+    wanted = json.dumps({"layout": vars(layout), "seed": cfg.seed}, sort_keys=True)
+    paths = {"int4_onnx": root / "int4", "fp32_onnx": root / "fp32", "pytorch": root / "hf"}
+    if stamp.exists() and stamp.read_text() == wanted and all(p.exists() for p in paths.values()):
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    start = time.perf_counter()
+    info = bench.build_medium(paths["pytorch"], texts, cfg.seed, layout)
+    log.info("medium model: %d parameters (%.0f s)", info["parameters"], time.perf_counter() - start)
+    for name, builder in (("int4_onnx", "int4_cpu"), ("fp32_onnx", "fp32_cpu")):
+        start = time.perf_counter()
+        build_onnx(cfg, builder, paths["pytorch"], paths[name])
+        log.info("medium %s built in %.0f s", name, time.perf_counter() - start)
+    stamp.write_text(wanted)
+    return paths
+
+
+def measure_all(paths: dict[str, Path], prompts: list[str], args) -> dict:
+    results = {}
+    for name, path in paths.items():
+        log.info("measuring %s (%s)", name, path)
+        results[name] = bench.measure_in_subprocess(
+            path, prompts, args.label_tokens, args.decode_tokens, args.repeats, args.threads
+        )
+        log.info("%s: %s", name, results[name])
+    if {"int4_onnx", "fp32_onnx", "pytorch"} <= results.keys():
+        results["ratios"] = bench.ratios(results["int4_onnx"], results["pytorch"], results["fp32_onnx"])
+    return results
+
+
+def latency(args) -> dict:
+    cfg = load_params()
+    test = read_split(stage_dir("prepare") / "test.jsonl")
+    prompts = [build_prompt(cfg.data, e.text) for e in test[: args.phrases]]
+    out: dict = {"machine": machine(), "phrases": len(prompts), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if cfg.builder.precision != "int4":
+        raise StageError("make bench compares the int4 model: run `make finetune` with builder=int4_cpu first")
+    tiny = {
+        "int4_onnx": stage_dir("quantize") / "model",
+        "fp32_onnx": build_onnx(cfg, "fp32_cpu", stage_dir("merge") / "model", BENCH_DIR / "tiny_fp32"),
+        "pytorch": stage_dir("merge") / "model",
+    }
+    out["tiny"] = measure_all(tiny, prompts, args)
+    if args.layout != "none":
+        h, n, heads, inter, vocab = (int(x) for x in args.layout.split(","))
+        layout = bench.MediumModel(h, n, heads, inter, vocab)
+        train = read_split(stage_dir("prepare") / "train.jsonl")
+        paths = medium_models(cfg, layout, [build_prompt(cfg.data, e.text) + e.label for e in train])
+        out["medium"] = {"layout": vars(layout), **measure_all(paths, prompts, args)}
+    return out
+
+
+def _timed(cmd: list[str]) -> float:
+    env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"}
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise StageError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return seconds
+
+
+def overhead() -> dict:
+    """The kit's train+merge+quantize (forced `dvc repro`) vs `olive run` on the same three workflow configs."""
+    from transformers import AutoTokenizer
+
+    cfg = load_params()
+    base = read_json(stage_dir("base") / "base.json")["model_path"]
+    eos = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code).eos_token
+    work = (BENCH_DIR / "bare_olive").resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for split in ("train", "val"):
+        olive_config.render_split(
+            cfg.data, read_split(stage_dir("prepare") / f"{split}.jsonl"), eos, work / f"{split}.jsonl"
+        )
+    olive = str(Path(sys.executable).with_name("olive"))
+    configs = {
+        "train": olive_config.train_workflow(cfg, base, work / "train.jsonl", work / "val.jsonl", work / "train"),
+        "merge": olive_config.merge_workflow(cfg, base, work / "train/output/adapter", work / "merge"),
+        "quantize": olive_config.quantize_workflow(cfg, work / "merge/output/model", work / "quantize"),
+    }
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    bare, kit, load = {}, {}, {}
+    # Interleaved, stage by stage, so that load from other work on the machine hits both sides alike.
+    for name, config in configs.items():
+        path = work / f"{name}.json"
+        path.write_text(json.dumps(config, indent=2))
+        bare[name] = round(_timed([olive, "run", "--config", str(path)]), 1)
+        kit[name] = round(_timed([dvc, "repro", "--force", "--single-item", name]), 1)
+        load[name] = round(os.getloadavg()[0], 2)
+        log.info("%s: bare olive run %.1f s, kit (dvc repro -f -s %s) %.1f s", name, bare[name], name, kit[name])
+    shutil.rmtree(work, ignore_errors=True)
+    total_kit, total_bare = sum(kit.values()), sum(bare.values())
+    return {
+        "kit_seconds": kit,
+        "bare_olive_seconds": bare,
+        "kit_total_s": round(total_kit, 1),
+        "bare_total_s": round(total_bare, 1),
+        "overhead_ratio": round(total_kit / total_bare, 3),
+        "load_average": load,
+        "machine": machine(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phrases", type=int, default=32, help="test phrases, the same for every model")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the phrases")
+    parser.add_argument("--label-tokens", type=int, default=8, help="tokens generated per phrase (classify)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated for decode speed")
+    parser.add_argument(
+        "--layout",
+        default="1024,12,16,2816,32064",
+        help="medium model: hidden,layers,heads,intermediate,vocab ('none' to skip)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="compute threads per model (default 1: see README)")
+    parser.add_argument("--overhead", action="store_true", help="measure pipeline overhead instead")
+    parser.add_argument("--out", type=Path, default=BENCH_JSON)
+    args = parser.parse_args()
+    results = read_json(args.out) if args.out.exists() else {}
+    if args.overhead:
+        results["overhead"] = overhead()
+    else:
+        results.update(latency(args))
+    write_json(args.out, results)
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main("bench", run)

@@ -1,0 +1,49 @@
+"""`make report`: one self-contained HTML page for the last run (reports/report.html, figures embedded).
+
+    python scripts/report.py    (reads params.yaml, metrics/, artifacts/*/lineage.json; writes reports/)
+
+Config, lineage, the test metrics of every model, confusion matrices, the loss curve, and latency and
+size from metrics/bench.json when `make bench` has run. The figures are also written as PNG files.
+"""
+
+import time
+from pathlib import Path
+
+from slmkit import lineage
+from slmkit.bench import folder_size
+from slmkit.config import load_params
+from slmkit.report import render
+from slmkit.stage import EVAL_JSON, METRICS, TRAIN_LOSS_CSV, StageError, log, main, read_json, stage_dir, write_text
+
+REPORTS = Path("reports")
+
+
+def run() -> None:
+    if not EVAL_JSON.exists():
+        raise StageError(f"{EVAL_JSON} not found: run `make finetune` first")
+    bench_json = METRICS / "bench.json"
+    model = stage_dir("quantize") / "model"
+    records = lineage.chain(model) if model.exists() else []
+    folders = {
+        "int4/ONNX (artifacts/quantize/model)": model,
+        "merged PyTorch (artifacts/merge/model)": stage_dir("merge") / "model",
+    }
+    page, figures = render(
+        title=f"slmkit run report, {time.strftime('%Y-%m-%d %H:%M')}",
+        eval_metrics=read_json(EVAL_JSON),
+        loss_csv=TRAIN_LOSS_CSV,
+        lineage_text=lineage.format_chain(records) if records else "(no lineage records)",
+        params_text=Path("params.yaml").read_text(encoding="utf-8"),
+        bench=read_json(bench_json) if bench_json.exists() else None,
+        sizes_mb={k: folder_size(p) / 1e6 for k, p in folders.items() if p.exists()},
+        parity_tolerance=load_params().evaluate.parity_tolerance,
+    )
+    (REPORTS / "figures").mkdir(parents=True, exist_ok=True)
+    for name, png in figures.items():
+        (REPORTS / "figures" / name).write_bytes(png)
+    write_text(REPORTS / "report.html", page)
+    log.info("wrote %s (%d KB)", REPORTS / "report.html", len(page) // 1024)
+
+
+if __name__ == "__main__":
+    main("report", run)

@@ -1,0 +1,231 @@
+"""Latency, throughput, memory and size of the shipped model formats, and a medium Phi-3-layout model for them.
+
+The measurement of one model runs in its own process (`python -m slmkit.bench MODEL_DIR ...`) so its
+peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmkit.config import TinyModelConfig
+
+
+@dataclass
+class MediumModel:
+    """The real Phi-3 layout (vocab 32064, untied embeddings, fused qkv/gate_up) at a medium size."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    intermediate_size: int = 2816
+    vocab_size: int = 32064  # Phi-3's: 32000 BPE tokens + 64 added
+    max_position_embeddings: int = 4096
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def build_medium(out_dir: Path, texts: list[str], seed: int, layout: MediumModel | None = None) -> dict:
+    """A random-weight Phi-3 model of `layout` plus a tokenizer padded to its vocabulary, saved HF-style."""
+    import torch
+
+    from slmkit.tiny import build_model, seed_everything, train_tokenizer
+
+    layout = layout or MediumModel()
+    seed_everything(seed)
+    tokenizer = train_tokenizer(texts, vocab_size=2000)
+    # Pad with added tokens (as Phi-3 does for its chat markers) so token ids and vocab agree.
+    tokenizer.add_tokens([f"<|placeholder{i}|>" for i in range(layout.vocab_size - len(tokenizer))])
+    sizes = TinyModelConfig(
+        hidden_size=layout.hidden_size,
+        num_hidden_layers=layout.num_hidden_layers,
+        num_attention_heads=layout.num_attention_heads,
+        intermediate_size=layout.intermediate_size,
+        max_position_embeddings=layout.max_position_embeddings,
+    )
+    model = build_model(sizes, len(tokenizer), tokenizer.eos_token_id).to(torch.float32).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "layout": vars(layout)}
+
+
+def peak_rss_kb() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: after fork+exec Linux's ru_maxrss still
+    counts the parent's memory at fork time, so every child would report at least the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+class _Genai:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(path))
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def run(self, ids: list[int], new_tokens: int) -> list[float]:
+        """Greedy-generate exactly `new_tokens` tokens; return the time stamp of each."""
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        n = len(ids) + new_tokens
+        params.set_search_options(max_length=n, min_length=n, do_sample=False)
+        gen = og.Generator(self.model, params)
+        stamps = []
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+            stamps.append(time.perf_counter())
+        return stamps
+
+
+class _Torch:
+    def __init__(self, path: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def run(self, ids: list[int], new_tokens: int) -> list[float]:
+        """Hugging Face `generate` (what slmkit's TorchModel runs), greedy, exactly `new_tokens` tokens."""
+        from transformers.generation.streamers import BaseStreamer
+
+        stamps: list[float] = []
+
+        class Stamp(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() streams the prompt first
+                    self.first = False
+                else:
+                    stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        with self.torch.no_grad():
+            self.model.generate(
+                input_ids=self.torch.tensor([ids]),
+                attention_mask=self.torch.ones((1, len(ids)), dtype=self.torch.long),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+                streamer=Stamp(),
+            )
+        return stamps
+
+
+def measure(path: Path, prompts: list[str], label_tokens: int, decode_tokens: int, repeats: int, threads: int) -> dict:
+    """Per-phrase latency (prompt + `label_tokens` tokens), time to first token, decode tokens/s, peak RSS.
+
+    `threads`: compute threads for either runtime. On a machine shared with other work, more threads than
+    free cores makes both runtimes several times slower (measured: torch 2.8 vs 13 tok/s), so pin it.
+    """
+    start = time.perf_counter()
+    runner = _Genai(path, threads) if (path / "genai_config.json").exists() else _Torch(path, threads)
+    load_s = time.perf_counter() - start
+    encoded = [runner.encode(p) for p in prompts]
+    for ids in encoded:  # warm-up: the first request at each new prompt length is slow
+        runner.run(ids, 2)
+    latency, ttft, decode = [], [], []
+    for _ in range(repeats):
+        for ids in encoded:
+            t0 = time.perf_counter()
+            stamps = runner.run(ids, label_tokens)
+            latency.append(stamps[-1] - t0)
+            ttft.append(stamps[0] - t0)
+    for ids in encoded[: max(1, len(encoded) // 4)]:
+        stamps = runner.run(ids, decode_tokens)
+        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {
+        "load_s": round(load_s, 3),
+        "latency_p50_ms": round(1000 * percentile(latency, 0.5), 2),
+        "latency_p95_ms": round(1000 * percentile(latency, 0.95), 2),
+        "ttft_p50_ms": round(1000 * percentile(ttft, 0.5), 2),
+        "decode_tokens_per_s": round(statistics.median(decode), 1),
+        "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+        "size_mb": round(folder_size(path) / 1e6, 1),
+        "phrases": len(prompts),
+        "label_tokens": label_tokens,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "threads": threads,
+        # Other processes on the machine slow every figure: the 1-minute load average when done.
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def measure_in_subprocess(
+    path: Path, prompts: list[str], label_tokens: int, decode_tokens: int, repeats: int, threads: int
+) -> dict:
+    """`measure` in a fresh Python process, so peak memory and warm caches are the model's own."""
+    args = [sys.executable, "-m", "slmkit.bench", str(path), "--label-tokens", str(label_tokens)]
+    args += ["--decode-tokens", str(decode_tokens), "--repeats", str(repeats), "--threads", str(threads)]
+    result = subprocess.run(args, input=json.dumps(prompts), capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"benchmark of {path} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ratios(int4: dict, torch: dict, fp32_onnx: dict) -> dict:
+    return {
+        "int4_vs_torch_decode_speedup": round(int4["decode_tokens_per_s"] / torch["decode_tokens_per_s"], 2),
+        "int4_vs_torch_latency_speedup": round(torch["latency_p50_ms"] / int4["latency_p50_ms"], 2),
+        "int4_vs_fp32_onnx_decode_speedup": round(int4["decode_tokens_per_s"] / fp32_onnx["decode_tokens_per_s"], 2),
+        "int4_size_share_of_fp32_onnx": round(int4["size_mb"] / fp32_onnx["size_mb"], 3),
+        "int4_size_share_of_torch": round(int4["size_mb"] / torch["size_mb"], 3),
+        "int4_vs_torch_peak_rss": round(int4["peak_rss_mb"] / torch["peak_rss_mb"], 3),
+    }
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description="measure one model folder; prompts as a JSON list on stdin")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--label-tokens", type=int, required=True)
+    parser.add_argument("--decode-tokens", type=int, required=True)
+    parser.add_argument("--repeats", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    args = parser.parse_args()
+    prompts = json.loads(sys.stdin.read())
+    print(json.dumps(measure(args.path, prompts, args.label_tokens, args.decode_tokens, args.repeats, args.threads)))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,109 @@
+"""Slow tier: what ships with a run — the parity gate on a broken int4 model, the report, the benchmark, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from workspace import _env, run
+
+from slmkit.config import compose
+
+pytestmark = pytest.mark.slow
+
+
+def test_parity_gate_fails_on_an_int4_model_built_from_the_untrained_base(workspace: Path, tmp_path: Path):
+    """Swap in an int4 model that ModelBuilder made from the base (no adapter): evaluate must fail, naming both."""
+    from slmkit import olive_config, olive_run
+    from slmkit.config import load_params
+    from slmkit.inference import save_prompt_config
+
+    ws = tmp_path / "ws"
+    for rel in ("params.yaml", "scripts/evaluate.py", "artifacts/prepare", "artifacts/base", "artifacts/merge"):
+        src, dst = workspace / rel, ws / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    cfg = load_params(ws / "params.yaml")
+    work = tmp_path / "olive"
+    olive_run.run_workflow(olive_config.quantize_workflow(cfg, ws / "artifacts/base/model", work), work, "int4 of base")
+    broken = ws / "artifacts/quantize/model"
+    shutil.copytree(work / "output", broken)
+    save_prompt_config(cfg.data, broken)
+
+    result = subprocess.run(
+        [sys.executable, "scripts/evaluate.py"], cwd=ws, env=_env(), capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    metrics = json.loads((ws / "metrics/eval.json").read_text())
+    int4, merged = metrics["int4_onnx"]["accuracy"], metrics["merged_pytorch"]["accuracy"]
+    assert merged - int4 > cfg.evaluate.parity_tolerance
+    assert "parity gate" in result.stderr
+    assert f"{int4:.4f}" in result.stderr and f"{merged:.4f}" in result.stderr, result.stderr[-2000:]
+
+
+def test_eval_has_three_models_in_depth_and_confusion_plots(workspace: Path):
+    metrics = json.loads((workspace / "metrics/eval.json").read_text())
+    labels = compose().data.labels
+    for name in ("base_pytorch", "merged_pytorch", "int4_onnx"):
+        m = metrics[name]
+        assert set(m["per_class"]) == set(labels)
+        assert 0 <= m["macro_f1"] <= 1
+        assert sum(map(sum, m["confusion"]["matrix"])) == m["n"]
+        assert set(metrics["decoding_comparison"][name]) == {"stop", "constrained"}
+        rows = (workspace / f"metrics/confusion/{name}.csv").read_text().splitlines()
+        assert rows[0] == "actual,predicted" and len(rows) == m["n"] + 1
+    # Constrained decoding always writes a label.
+    assert all(by["constrained"]["invalid_rate"] == 0 for by in metrics["decoding_comparison"].values())
+    shown = run([str(Path(sys.executable).with_name("dvc")), "plots", "show", "--json"], workspace).stdout
+    assert "metrics/confusion/int4_onnx.csv" in shown
+
+
+def test_report_is_one_self_contained_page(workspace: Path):
+    run([sys.executable, "scripts/report.py"], workspace)
+    page = (workspace / "reports/report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2  # confusion matrices + loss curve
+    assert "<img" in page and 'src="http' not in page
+    for needle in ("base_pytorch", "merged_pytorch", "int4_onnx", "macro-F1", "Lineage", "params.yaml"):
+        assert needle in page
+
+
+def test_bench_runs_and_writes_ratios(workspace: Path, tmp_path: Path):
+    """Small counts and a mini layout: the benchmark's code path, not its numbers."""
+    out = tmp_path / "bench.json"
+    args = ["--phrases", "2", "--repeats", "1", "--decode-tokens", "4", "--layout", "64,1,2,128,2112"]
+    run([sys.executable, "scripts/bench.py", *args, "--out", str(out)], workspace)
+    bench = json.loads(out.read_text())
+    for size in ("tiny", "medium"):
+        for name in ("int4_onnx", "fp32_onnx", "pytorch"):
+            m = bench[size][name]
+            assert (
+                m["latency_p50_ms"] > 0 and m["decode_tokens_per_s"] > 0 and m["size_mb"] > 0 and m["peak_rss_mb"] > 0
+            )
+        assert bench[size]["ratios"]["int4_size_share_of_fp32_onnx"] < 1
+    assert bench["machine"]["cores"] >= 1
+
+
+def test_classify_file_json_and_chat(workspace: Path, tmp_path: Path):
+    labels = compose().data.labels
+    phrases = tmp_path / "phrases.jsonl"
+    phrases.write_text('{"phrase": "I can\'t stop smiling"}\n\n{"phrase": "Something moved in the dark."}\n')
+    cli = [sys.executable, "-m", "slmkit.cli"]
+    out = run([*cli, "classify", "--file", str(phrases), "--json", "--model", "merged"], workspace).stdout
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in rows] == ["I can't stop smiling", "Something moved in the dark."]
+    assert all(r["label"] in labels for r in rows)
+    plain = subprocess.run(
+        [*cli, "classify", "--model", "base"],
+        input="a plain phrase\n",
+        cwd=workspace,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert plain.returncode == 0 and plain.stdout.split("\t")[0] in labels, plain.stderr[-2000:]
+    reply = run([*cli, "chat", "--json", "I can't stop smiling"], workspace).stdout
+    assert json.loads(reply)["reply"].strip() in labels  # the fine-tuned model answers with a tone
