@@ -19,8 +19,9 @@ from tests.workspace import make, run
 
 pytestmark = pytest.mark.slow
 
-# Short training keeps each sweep job to well under a minute on 2 cores; the plumbing is what is tested.
-QUICK = "train.max_steps=20"
+# Short training keeps each sweep job short on 2 cores; the plumbing is what is tested. A 20-step model is
+# barely trained, so int4 and merged can differ by a few points: the parity gate is relaxed for these runs.
+QUICK = "train.max_steps=20 evaluate.parity_tolerance=0.5"
 
 
 def _latest_sweep(ws: Path) -> Path:
@@ -56,7 +57,7 @@ def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(workspace
         assert r["name"] in exps, f"{r['name']} not in dvc exp show: {sorted(exps)}"
         params = exps[r["name"]]["params"]["params.yaml"]["data"]
         assert params["lora"]["r"] == int(r["overrides"][0].split("=")[1])
-        assert params["train"]["max_steps"] == 20
+        assert params["train"]["max_steps"] == 20 and params["evaluate"]["parity_tolerance"] == 0.5
         metrics = exps[r["name"]]["metrics"]["metrics/eval.json"]["data"]
         assert metrics["int4_onnx"]["accuracy"] == r["metrics"]["int4_onnx"]["accuracy"]
     # The jobs' clones are gone; the main workspace's params are untouched by the jobs.

@@ -8,9 +8,6 @@ from typing import Any
 
 from slmkit.config import Config, ConfigError, ModelConfig
 
-# Bytes per parameter of the weights as stored, by precision.
-BYTES_PER_PARAM = {"float32": 4, "fp32": 4, "bfloat16": 2, "float16": 2, "fp16": 2, "int4": 0.5}
-
 
 def hf_config(model: ModelConfig) -> Any | None:
     """transformers config of the model: from the tiny sizes, model.architecture or a local config.json.
@@ -82,10 +79,6 @@ def check(cfg: Config) -> dict[str, Any] | None:
             f"but num_parameters says {expected:,}: a layout field is wrong"
         )
     return {"parameters": count, "modules": sorted(names)}
-
-
-def weights_bytes(parameters: int, precision: str) -> int:
-    return int(parameters * BYTES_PER_PARAM[precision])
 
 
 def build_random(model: ModelConfig, tokenizer, seed: int, out_dir: Path) -> int:
