@@ -50,7 +50,7 @@ def test_committed_lock_matches_committed_params():
         # quantize reads every section for the model card it writes beside the model.
         (["lora.r=8"], {"train", "quantize"}),
         (["train.learning_rate=0.0005"], {"train", "quantize"}),
-        (["builder=fp32_cpu"], {"quantize"}),
+        (["builder=fp32_cpu"], {"quantize", "evaluate"}),  # evaluate names the precision it scores
         (["data.val_fraction=0.15"], {"prepare"}),
         (["model.tiny.warmup_steps=10"], {"base", "quantize"}),
         (["evaluate.batch_size=4"], {"evaluate"}),
