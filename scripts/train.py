@@ -86,7 +86,9 @@ def run() -> None:
         "LoRA training",
         work / "olive.log",
     )
-    olive_run.check_adapter(adapter, cfg.lora.target_modules, work / "olive.log")
+    # QLoRA has no module list in the config: Olive picked every 4-bit linear layer and wrote them down.
+    targets = cfg.lora.target_modules or json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    olive_run.check_adapter(adapter, list(targets), work / "olive.log")
     states = sorted((work / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     if not states:
         raise StageError(f"Olive LoRA training left no trainer_state.json under {work / 'checkpoints'}")

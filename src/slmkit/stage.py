@@ -229,7 +229,9 @@ def main(stage: str, body: Callable[[], None]) -> None:
         signal.signal(sig, _on_signal)
     start = time.perf_counter()
     log.info("stage %s: start", stage)
-    unchanged = f"{stage_dir(stage)}/ is unchanged (the previous complete output, or none)"
+    # Tools that are not pipeline stages (eject, bench, report) run under the same wrapper.
+    output = f"{stage_dir(stage)}/" if stage in STAGES else "its output"
+    unchanged = f"{output} is unchanged (the previous complete output, or none)"
     try:
         body()
         raise_if_interrupted()
