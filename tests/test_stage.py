@@ -118,3 +118,6 @@ def test_lineage_record_carries_data_split_and_config_hashes():
     card = lineage.model_card(cfg, base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
     assert f"r={cfg.lora.r}" in card and "a" * 64 in card and "train 10" in card and "1,234 parameters" in card
     assert cfg.data.template in card
+    qlora = compose(["lora=qlora"])  # no module list: Olive adapts every 4-bit linear layer
+    card = lineage.model_card(qlora, base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
+    assert "qlora" in card and "every 4-bit linear layer" in card

@@ -134,6 +134,8 @@ def model_card(cfg: Config, base: dict, manifest: dict, final_loss: dict, rec: d
     splits = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
     precision = b.precision + (f", block size {b.int4_block_size}" if b.precision == "int4" else "")
     pk = rec["packages"]
+    # QLoRA has no module list in the config: Olive adapts every 4-bit linear layer.
+    modules = ", ".join(lo.target_modules) if lo.target_modules else "every 4-bit linear layer"
     return f"""# {m.name}: {"/".join(cfg.data.labels)} classifier ({b.precision} ONNX for onnxruntime-genai)
 
 Made by slmkit. Test metrics: `metrics/eval.json`; full lineage: `make lineage` / `lineage.json`.
@@ -141,7 +143,7 @@ Made by slmkit. Test metrics: `metrics/eval.json`; full lineage: `make lineage` 
 | | |
 |---|---|
 | base model | {base_line} |
-| adapter | {lo.method}, r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, on {", ".join(lo.target_modules)} |
+| adapter | {lo.method}, r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, on {modules} |
 | training | {t.max_steps} steps, batch {t.batch_size}, learning rate {t.learning_rate}, seed {cfg.seed} |
 | final loss | train {final_loss.get("loss")}, validation {final_loss.get("eval_loss")} (label + EOS) |
 | data | `{manifest["source"]["path"]}` sha256 `{manifest["source"]["sha256"]}`; {splits} |
