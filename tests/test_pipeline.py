@@ -111,11 +111,14 @@ def test_rerun_with_nothing_changed_reruns_nothing(workspace: Path):
 def test_override_reuses_upstream_stages(workspace: Path):
     """Changing only the builder reruns quantize + evaluate; the adapter is reused."""
     adapter_before = sha256_file(workspace / "artifacts/train/adapter/adapter_model.safetensors")
-    out = make("finetune", workspace, "ARGS=builder=fp32_cpu")
-    text = out.stdout + out.stderr
-    assert "Running stage 'quantize'" in text
-    for stage in ("prepare", "base", "train", "merge"):
-        assert f"Running stage '{stage}'" not in text, stage
-    assert sha256_file(workspace / "artifacts/train/adapter/adapter_model.safetensors") == adapter_before
-    metrics = json.loads((workspace / "metrics/eval.json").read_text())
-    assert "fp32_onnx" in metrics
+    try:
+        out = make("finetune", workspace, "ARGS=builder=fp32_cpu")
+        text = out.stdout + out.stderr
+        assert "Running stage 'quantize'" in text
+        for stage in ("prepare", "base", "train", "merge"):
+            assert f"Running stage '{stage}'" not in text, stage
+        assert sha256_file(workspace / "artifacts/train/adapter/adapter_model.safetensors") == adapter_before
+        metrics = json.loads((workspace / "metrics/eval.json").read_text())
+        assert "fp32_onnx" in metrics
+    finally:
+        make("finetune", workspace)  # back to the default int4 model for the tests after this one
