@@ -35,6 +35,11 @@ def main(argv: list[str]) -> int:
             print(f"  {stage:<9} {'; '.join(reasons)}")
         if not rerun:
             print("  none: every stage is up to date with this config")
+        if cfg.train.nproc_per_node > 1:
+            from slmkit.distributed import launch_command
+
+            cmd = launch_command(cfg.train.nproc_per_node, Path("artifacts/.olive-train/olive_config.json"))
+            print(f"train runs {cfg.train.nproc_per_node} data-parallel processes:\n  {' '.join(cmd)}")
         return 0
     if check:
         if not PARAMS.exists() or PARAMS.read_text(encoding="utf-8") != text:

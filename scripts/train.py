@@ -2,6 +2,9 @@
 
     python scripts/train.py      (reads params.yaml, artifacts/prepare/, artifacts/base/; writes artifacts/train/)
 
+With train.nproc_per_node > 1 the Olive run goes under torchrun, one data-parallel process per GPU
+(slmkit.distributed).
+
 Writes artifacts/train/adapter/ (PEFT adapter), the Olive config and log, train_stats.json (time per
 step, tokens/s, peak memory) and the loss curve metrics/train_loss.csv (step, loss, eval_loss).
 """
@@ -11,7 +14,7 @@ import resource
 import shutil
 import time
 
-from slmkit import lineage, olive_config, olive_run, resources
+from slmkit import distributed, lineage, olive_config, olive_run, resources
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.stage import (
@@ -39,25 +42,35 @@ def loss_curve(trainer_state: dict) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def train_stats(cfg, tokenizer, train_jsonl, seconds: float) -> dict:
-    """Throughput and peak memory of the fine-tuning run (Olive trains in this process)."""
+def train_stats(cfg, tokenizer, train_jsonl, seconds: float, epochs: float, peaks: list[dict] | None = None) -> dict:
+    """Throughput and peak memory of the fine-tuning run.
+
+    One process: Olive trained in this one, so its peaks are ours. Data parallel: `peaks` holds each
+    rank's, and the figures are per process (per GPU), the largest rank's."""
     import torch
 
     rows = [json.loads(line) for line in train_jsonl.read_text(encoding="utf-8").splitlines()]
     tokens = [len(tokenizer(r[olive_config.PROMPT_COLUMN] + r[olive_config.COMPLETION_COLUMN]).input_ids) for r in rows]
     t = cfg.train
-    tokens_seen = t.max_steps * t.batch_size * t.gradient_accumulation_steps * sum(tokens) / len(tokens)
+    examples_per_step = t.batch_size * t.gradient_accumulation_steps * t.nproc_per_node
+    tokens_seen = t.max_steps * examples_per_step * sum(tokens) / len(tokens)
+    if peaks is None:
+        gpu = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peaks = [{"peak_gpu_memory_gib": gpu, "peak_rss_gib": rss}]
+    gpus = [p["peak_gpu_memory_gib"] for p in peaks if p["peak_gpu_memory_gib"] is not None]
     return {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "method": cfg.lora.method,
+        "processes": t.nproc_per_node,
         "steps": t.max_steps,
+        "examples_per_step": examples_per_step,
+        "epochs": round(epochs, 4),
         "seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / t.max_steps, 4),
         "tokens_per_second": round(tokens_seen / seconds, 1),
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if torch.cuda.is_available()
-        else None,
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "peak_gpu_memory_gib": max(gpus) if gpus else None,
+        "peak_rss_gib": round(max(p["peak_rss_gib"] for p in peaks), 3),
     }
 
 
@@ -77,9 +90,18 @@ def run() -> None:
             cfg.data, read_split(stage_dir("prepare") / f"{split}.jsonl"), eos, work / f"{split}_text.jsonl"
         )
     workflow = olive_config.train_workflow(cfg, base_path, work / "train_text.jsonl", work / "val_text.jsonl", work)
+    nproc = cfg.train.nproc_per_node
     started = time.monotonic()
-    output = olive_run.run_workflow(workflow, work, "LoRA training")
-    stats = train_stats(cfg, tokenizer, work / "train_text.jsonl", time.monotonic() - started)
+    if nproc == 1:
+        output = olive_run.run_workflow(workflow, work, "LoRA training")
+        peaks = None
+    else:
+        device = distributed.check_devices(nproc)
+        workflow = distributed.for_ranks(workflow, device)
+        output = distributed.run_workflow(workflow, work, "LoRA training", nproc, device)
+        distributed.check_in_sync(work, nproc)
+        peaks = distributed.rank_peaks(work, nproc)
+    seconds = time.monotonic() - started
     adapter = output / "adapter"
     olive_run.require(
         [adapter / "adapter_config.json", adapter / "adapter_model.safetensors"],
@@ -92,7 +114,9 @@ def run() -> None:
     states = sorted((work / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     if not states:
         raise StageError(f"Olive LoRA training left no trainer_state.json under {work / 'checkpoints'}")
-    curve = loss_curve(json.loads(states[-1].read_text()))
+    state = json.loads(states[-1].read_text())
+    curve = loss_curve(state)
+    stats = train_stats(cfg, tokenizer, work / "train_text.jsonl", seconds, state["epoch"], peaks)
 
     with atomic_dir(stage_dir("train")) as out:
         shutil.copytree(adapter, out / "adapter")

@@ -331,6 +331,7 @@ def test_parameter_estimate_from_a_config_json_matches_phi3_mini(tmp_path: Path)
     (tmp_path / "config.json").write_text(
         json.dumps(
             {
+                "model_type": "phi3",
                 "hidden_size": 3072,
                 "intermediate_size": 8192,
                 "vocab_size": 32064,
@@ -361,7 +362,7 @@ def test_merge_of_a_model_too_big_for_this_machine_is_refused_before_any_work(tm
     model = tmp_path / "huge-model"
     model.mkdir()
     sizes = {"hidden_size": 65536, "intermediate_size": 262144, "vocab_size": 256000, "num_hidden_layers": 256}
-    (model / "config.json").write_text(json.dumps({**sizes, "num_attention_heads": 128}))
+    (model / "config.json").write_text(json.dumps({"model_type": "phi3", **sizes, "num_attention_heads": 128}))
     ws = _workspace(tmp_path / "ws", "model.source=local", f"model.path={model}")
     (ws / "artifacts" / "base").mkdir(parents=True)
     (ws / "artifacts" / "base" / "base.json").write_text(json.dumps({"model_path": str(model)}))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -362,3 +365,28 @@ def test_ejected_workflow_chains_the_stage_passes(cfg: Config, paths):
     assert single["data_configs"] == olive_config.train_workflow(*args)["data_configs"]
     assert single["systems"] == build["systems"]
     RunConfig.parse_file_or_obj(copy.deepcopy(single))  # a valid Olive config as written
+
+
+_TELEMETRY_PROBE = (
+    "import os; from slmkit.olive_run import opt_out_of_telemetry; opt_out_of_telemetry(); "
+    "from olive.telemetry.telemetry import Telemetry; t = Telemetry(); "
+    "print(t._logger is None, t._cache_handler is None, os.environ.get('CI'))"
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # Opted out (slmkit's default): no heartbeat queued, no logger left to wait for at exit, CI untouched.
+        ({"OLIVE_DISABLE_TELEMETRY": "1"}, "True True None"),
+        # Not opted out: Olive's telemetry is left as Olive sets it up (CI=1 keeps this probe off the network).
+        ({"OLIVE_DISABLE_TELEMETRY": "0", "CI": "1"}, "False False 1"),
+    ],
+)
+def test_olive_telemetry_opt_out_is_complete(env: dict, expected: str):
+    base = {k: v for k, v in os.environ.items() if k not in ("CI", "OLIVE_DISABLE_TELEMETRY")}
+    out = subprocess.run(
+        [sys.executable, "-c", _TELEMETRY_PROBE], env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == expected

@@ -109,6 +109,8 @@ class TrainConfig:
     torch_dtype: str = "float32"
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch_fused"  # transformers' default; qlora on a GPU: paged_adamw_32bit
+    # Data-parallel processes on this machine, one per GPU (>1: the train stage runs under torchrun).
+    nproc_per_node: int = 1
 
 
 @dataclass
@@ -213,6 +215,11 @@ def check_values(cfg: Config) -> None:
     _check(t.eval_steps > 0, "train.eval_steps", "must be > 0")
     _check_choice(t.torch_dtype, "train.torch_dtype", TORCH_DTYPES)
     _check_choice(t.optim, "train.optim", OPTIMIZERS)
+    _check(
+        t.nproc_per_node >= 1,
+        "train.nproc_per_node",
+        f"must be >= 1 (1 = one process; N = N data-parallel processes, one per GPU), got {t.nproc_per_node}",
+    )
 
     b = cfg.builder
     _check_choice(b.precision, "builder.precision", PRECISIONS)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
 
+from slmkit import arch
 from slmkit.config import Config, ModelConfig
 from slmkit.stage import ARTIFACTS, StageError
 
@@ -19,25 +20,18 @@ MARGIN = 2.0
 
 
 def parameters(model: ModelConfig, model_path: str | Path | None = None) -> int | None:
-    """Parameter count of the base model: from the tiny sizes, or from a config.json; None when unknown."""
-    if model.source == "tiny" and model.tiny is not None:
-        t = model.tiny
-        h, i, v = t.hidden_size, t.intermediate_size, t.vocab_size
-        per_layer = h * 3 * h + h * h + h * 2 * i + i * h + 2 * h  # qkv, o, gate_up, down, two norms
-        return 2 * v * h + t.num_hidden_layers * per_layer + h  # embeddings + LM head (untied), final norm
-    config = Path(model_path) / "config.json" if model_path else None
-    if config is None or not config.is_file():
-        return None
-    c = json.loads(config.read_text(encoding="utf-8"))
+    """Parameter count of the base model, counted on the meta device (no memory, no weights).
+
+    The layout comes from the config (tiny sizes, model.architecture, a local model's config.json) or
+    else from the config.json in model_path (a downloaded hub model); None when it is unknown."""
     try:
-        h, i, v, n = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
-    except KeyError:
+        net = arch.meta_model(model)
+        if net is None and model_path and (Path(model_path) / "config.json").is_file():
+            net = arch.meta_model(dataclasses.replace(model, source="local", path=str(model_path)))
+    except (OSError, ValueError, KeyError) as err:  # a config.json transformers cannot read
+        log.info("parameter count unknown (%s): %s", model_path or model.path, err)
         return None
-    kv = c.get("num_key_value_heads") or c.get("num_attention_heads") or 1
-    heads = c.get("num_attention_heads") or 1
-    qkv = h * (h + 2 * kv * (h // heads))
-    per_layer = qkv + h * h + h * 2 * i + i * h + 2 * h
-    return (1 if c.get("tie_word_embeddings") else 2) * v * h + n * per_layer + h
+    return None if net is None else arch.parameter_count(net)
 
 
 def need(stage: str, cfg: Config, n_params: int) -> tuple[int, int]:
