@@ -19,7 +19,7 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params config finetune _finetune $(STAGES) sweep olive-config classify chat \
+.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify chat \
 	report bench bench-overhead push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
@@ -57,8 +57,12 @@ _finetune:
 	dvc repro
 	$(PY) -m slmkit.cli summary
 
-prepare base train merge quantize evaluate: env ## Run the pipeline up to this stage
-	$(RUNLOCK) dvc repro $@
+prepare base train merge quantize evaluate: env ## Run the pipeline up to this stage (ARGS=overrides recompose params.yaml first)
+	$(RUNLOCK) $(MAKE) --no-print-directory _stage STAGE=$@
+
+_stage:
+	$(if $(ARGS),$(PY) scripts/compose.py $(ARGS))
+	dvc repro $(STAGE)
 
 sweep: env ## Hydra multirun, one DVC experiment per job: make sweep ARGS="lora.r=4,8 train.learning_rate=1e-4,3e-4"
 	$(PY) scripts/compose.py

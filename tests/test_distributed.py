@@ -108,7 +108,8 @@ def test_two_process_training_on_cpu_shards_each_step_and_keeps_ranks_in_sync(wo
     n_train = sum(1 for _ in (workspace / "artifacts/prepare/train.jsonl").open())
     before = digest(workspace / "artifacts/train")
     try:
-        make("params", workspace, "ARGS=train.nproc_per_node=2 train.max_steps=12 train.eval_steps=6")
+        quick = "ARGS=train.nproc_per_node=2 train.max_steps=12 train.eval_steps=6"
+        make("params", workspace, quick)
         # Ctrl-C while the ranks train: every rank stops, the previous output stays.
         code, out = kill_when(
             workspace,
@@ -122,7 +123,7 @@ def test_two_process_training_on_cpu_shards_each_step_and_keeps_ranks_in_sync(wo
         assert digest(workspace / "artifacts/train") == before
         assert _ranks_alive(workspace) == []
 
-        result = make("train", workspace)
+        result = make("train", workspace, quick)  # `make <stage> ARGS=...` composes, then runs up to it
         log = result.stdout + result.stderr
         assert "in 2 data-parallel processes (cpu)" in log
         assert "all 2 data-parallel ranks hold the same adapter" in log

@@ -83,6 +83,7 @@ def test_bench_runs_and_writes_ratios(workspace: Path, tmp_path: Path):
             assert (
                 m["latency_p50_ms"] > 0 and m["decode_tokens_per_s"] > 0 and m["size_mb"] > 0 and m["peak_rss_mb"] > 0
             )
+            assert m["device"] == "cpu"
         assert bench[size]["ratios"]["int4_size_share_of_fp32_onnx"] < 1
     assert bench["machine"]["cores"] >= 1
 

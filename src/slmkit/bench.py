@@ -109,14 +109,17 @@ class _Genai:
 
 
 class _Torch:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, device: str = "cpu"):
+        """fp32 on the CPU; bf16 on a GPU (what a PyTorch user would serve there)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -130,7 +133,7 @@ class _Torch:
         class Stamp(BaseStreamer):
             first = True
 
-            def put(self, value):
+            def put(self, value):  # generate() hands over each token on the CPU (a GPU sync)
                 if self.first:  # generate() streams the prompt first
                     self.first = False
                 else:
@@ -141,8 +144,8 @@ class _Torch:
 
         with self.torch.no_grad():
             self.model.generate(
-                input_ids=self.torch.tensor([ids]),
-                attention_mask=self.torch.ones((1, len(ids)), dtype=self.torch.long),
+                input_ids=self.torch.tensor([ids], device=self.device),
+                attention_mask=self.torch.ones((1, len(ids)), dtype=self.torch.long, device=self.device),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
@@ -152,14 +155,24 @@ class _Torch:
         return stamps
 
 
-def measure(path: Path, prompts: list[str], label_tokens: int, decode_tokens: int, repeats: int, threads: int) -> dict:
+def measure(
+    path: Path,
+    prompts: list[str],
+    label_tokens: int,
+    decode_tokens: int,
+    repeats: int,
+    threads: int,
+    device: str = "cpu",
+) -> dict:
     """Per-phrase latency (prompt + `label_tokens` tokens), time to first token, decode tokens/s, peak RSS.
 
     `threads`: compute threads for either runtime. On a machine shared with other work, more threads than
     free cores makes both runtimes several times slower (measured: torch 2.8 vs 13 tok/s), so pin it.
+    `device`: where a PyTorch model runs (cuda: bf16); an ONNX folder runs where its genai_config says.
     """
     start = time.perf_counter()
-    runner = _Genai(path, threads) if (path / "genai_config.json").exists() else _Torch(path, threads)
+    genai = (path / "genai_config.json").exists()
+    runner = _Genai(path, threads) if genai else _Torch(path, threads, device)
     load_s = time.perf_counter() - start
     encoded = [runner.encode(p) for p in prompts]
     for ids in encoded:  # warm-up: the first request at each new prompt length is slow
@@ -187,17 +200,31 @@ def measure(path: Path, prompts: list[str], label_tokens: int, decode_tokens: in
         "decode_tokens": decode_tokens,
         "repeats": repeats,
         "threads": threads,
+        "device": _genai_device(path) if genai else device,
         # Other processes on the machine slow every figure: the 1-minute load average when done.
         "load_average": round(os.getloadavg()[0], 2),
     }
 
 
+def _genai_device(path: Path) -> str:
+    """cuda if the ONNX folder's genai_config puts the model on the CUDA execution provider, else cpu."""
+    options = json.loads((path / "genai_config.json").read_text())["model"]["decoder"].get("session_options", {})
+    return "cuda" if "cuda" in json.dumps(options.get("provider_options", [])).lower() else "cpu"
+
+
 def measure_in_subprocess(
-    path: Path, prompts: list[str], label_tokens: int, decode_tokens: int, repeats: int, threads: int
+    path: Path,
+    prompts: list[str],
+    label_tokens: int,
+    decode_tokens: int,
+    repeats: int,
+    threads: int,
+    device: str = "cpu",
 ) -> dict:
     """`measure` in a fresh Python process, so peak memory and warm caches are the model's own."""
     args = [sys.executable, "-m", "slmkit.bench", str(path), "--label-tokens", str(label_tokens)]
     args += ["--decode-tokens", str(decode_tokens), "--repeats", str(repeats), "--threads", str(threads)]
+    args += ["--device", device]
     result = subprocess.run(args, input=json.dumps(prompts), capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"benchmark of {path} failed:\n{result.stderr[-3000:]}")
@@ -222,9 +249,11 @@ def _main() -> None:
     parser.add_argument("--decode-tokens", type=int, required=True)
     parser.add_argument("--repeats", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     prompts = json.loads(sys.stdin.read())
-    print(json.dumps(measure(args.path, prompts, args.label_tokens, args.decode_tokens, args.repeats, args.threads)))
+    result = measure(args.path, prompts, args.label_tokens, args.decode_tokens, args.repeats, args.threads, args.device)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
