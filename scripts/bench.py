@@ -92,7 +92,12 @@ def measure_all(paths: dict[str, Path], prompts: list[str], args) -> dict:
     for name, path in paths.items():
         log.info("measuring %s (%s)", name, path)
         results[name] = bench.measure_in_subprocess(
-            path, prompts, args.label_tokens, args.decode_tokens, args.repeats, args.threads
+            path,
+            prompts,
+            label_tokens=args.label_tokens,
+            decode_tokens=args.decode_tokens,
+            repeats=args.repeats,
+            threads=args.threads,
         )
         log.info("%s: %s", name, results[name])
     if {"int4_onnx", "fp32_onnx", "pytorch"} <= results.keys():

@@ -68,9 +68,8 @@ def _int4_cuda_vs_torch_bf16(ws: Path) -> dict:
     cfg = load_params(ws / "params.yaml")
     prompts = [build_prompt(cfg.data, e.text) for e in read_split(ws / "artifacts/prepare/test.jsonl")[:16]]
     models = {"int4_cuda": ws / "artifacts/quantize/model", "torch_bf16": ws / "artifacts/merge/model"}
-    out = {
-        name: bench.measure_in_subprocess(path, prompts, 3, 128, 2, 4, device="cuda") for name, path in models.items()
-    }
+    settings = {"label_tokens": 3, "decode_tokens": 128, "repeats": 2, "threads": 4, "device": "cuda"}
+    out = {name: bench.measure_in_subprocess(path, prompts, **settings) for name, path in models.items()}
     out["int4_vs_torch_decode_speedup"] = round(
         out["int4_cuda"]["decode_tokens_per_s"] / out["torch_bf16"]["decode_tokens_per_s"], 2
     )

@@ -212,19 +212,12 @@ def _genai_device(path: Path) -> str:
     return "cuda" if "cuda" in json.dumps(options.get("provider_options", [])).lower() else "cpu"
 
 
-def measure_in_subprocess(
-    path: Path,
-    prompts: list[str],
-    label_tokens: int,
-    decode_tokens: int,
-    repeats: int,
-    threads: int,
-    device: str = "cpu",
-) -> dict:
-    """`measure` in a fresh Python process, so peak memory and warm caches are the model's own."""
-    args = [sys.executable, "-m", "slmkit.bench", str(path), "--label-tokens", str(label_tokens)]
-    args += ["--decode-tokens", str(decode_tokens), "--repeats", str(repeats), "--threads", str(threads)]
-    args += ["--device", device]
+def measure_in_subprocess(path: Path, prompts: list[str], **settings) -> dict:
+    """`measure(path, prompts, **settings)` in a fresh Python process, so peak memory and warm caches are
+    the model's own. settings: label_tokens, decode_tokens, repeats, threads and optionally device."""
+    args = [sys.executable, "-m", "slmkit.bench", str(path)]
+    for key, value in settings.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
     result = subprocess.run(args, input=json.dumps(prompts), capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"benchmark of {path} failed:\n{result.stderr[-3000:]}")
