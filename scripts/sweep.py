@@ -6,7 +6,9 @@
     ... hydra/launcher=slurm           one SLURM job per sweep job (submitit)
 
 Every job's table row (overrides, accuracy, stages run/reused) is printed at the end and written to
-sweeps/<time>/summary.md; `dvc exp show` lists the same experiments.
+sweeps/<time>/summary.md; `dvc exp show` lists the same experiments. A job whose pipeline fails (the
+parity gate, say) is listed with its error line and the others go on; the sweep then exits 1. A bad
+config value stops the sweep before any job runs.
 """
 
 import sys
@@ -35,12 +37,16 @@ def job(raw: DictConfig) -> float:
             sweep.experiment_name(f"sweep-{sweep_id}", hc.job.num),
             threads=sweep.thread_budget(int(hc.launcher.get("n_jobs") or 1)),
         )
-    except (ConfigError, StageError) as err:
+    except ConfigError as err:  # a bad value: no job of this sweep should start
         print(f"slmkit sweep: job {hc.job.num} ({' '.join(overrides)}): error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except StageError as err:  # this job's pipeline failed: the other jobs go on; the sweep exits 1 at the end
+        print(f"slmkit sweep: job {hc.job.num} ({' '.join(overrides)}): error: {err}", file=sys.stderr)
+        return float("nan")  # Optuna records the trial as failed
     print(f"job {hc.job.num} {result['name']}: int4 accuracy {result['objective']:.4f} ({result['seconds']} s)")
     return result["objective"]
 
 
 if __name__ == "__main__":
     job()
+    sys.exit(1 if sweep.FAILED_JOBS else 0)

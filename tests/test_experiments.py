@@ -81,6 +81,19 @@ def test_sweep_job_with_a_bad_value_fails_before_any_work(workspace: Path):
     assert not list(_latest_sweep(workspace).glob("*/ws")) and not list(_latest_sweep(workspace).glob("*/dvc.log"))
 
 
+def test_a_failed_job_is_listed_and_the_other_jobs_go_on(workspace: Path):
+    """Job 0 fails in prepare (no such data file); job 1 (the committed config) still runs; exit 1 at the end."""
+    cmd = ["make", "--no-print-directory", "sweep", f"VENV={sys.prefix}"]
+    cmd.append("ARGS=data.path=data/missing.jsonl,data/tones.jsonl")
+    proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode != 0
+    failed, done = sorted(collect(_latest_sweep(workspace)), key=lambda r: r["overrides"][0])
+    assert failed["overrides"] == ["data.path=data/missing.jsonl"] and "data file not found" in failed["failed"]
+    assert "failed" not in done and 0 <= done["objective"] <= 1
+    assert "1 of 2 jobs failed" in proc.stdout + proc.stderr
+    assert "| ✗ |" in proc.stdout and "| ★ |" in proc.stdout
+
+
 def test_config_dry_run_names_the_stages_to_rerun(workspace: Path):
     before = (workspace / "params.yaml").read_text()
     out = make("config", workspace, "ARGS=lora.r=8").stdout

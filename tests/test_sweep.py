@@ -109,6 +109,17 @@ def test_summary_marks_the_best_job_first(tmp_path: Path):
     assert (tmp_path / "summary.md").read_text().strip() == table
 
 
+def test_summary_lists_a_failed_job_last_with_its_error(tmp_path: Path):
+    sweep.write_json(tmp_path / "0" / sweep.RESULT_FILE, _result("s-0", 0.5, 0.5))
+    failure = {"name": "s-1", "overrides": ["lora.r=1"], "objective": None, "seconds": 2.0, "log": "x/dvc.log"}
+    failure["failed"] = "slmkit evaluate: error: parity gate: int4_onnx accuracy 0.39 is 5.3 points below"
+    sweep.write_json(tmp_path / "1" / sweep.RESULT_FILE, failure)
+    rows = [line for line in sweep.summarise(tmp_path).splitlines() if "| s-" in line]
+    assert rows[0].startswith("| ★ | s-0 ")
+    assert rows[1].startswith("| ✗ | s-1 ") and "parity gate" in rows[1] and "x/dvc.log" in rows[1]
+    assert [r["name"] for r in sweep.failed(sweep.collect(tmp_path))] == ["s-1"]
+
+
 def test_job_config_refuses_a_bad_value_naming_the_key():
     raw = OmegaConf.create(to_dict(compose()))
     raw.lora.r = 0

@@ -128,7 +128,21 @@ def run_job(
                 )
         text = log_path.read_text(encoding="utf-8", errors="replace")
         if proc.returncode:
-            tail = "\n".join(f"    {line}" for line in text.splitlines()[-15:])
+            lines = text.splitlines()
+            reason = next((ln.strip() for ln in reversed(lines) if ": error: " in ln), lines[-1] if lines else "")
+            write_json(
+                job_dir / RESULT_FILE,
+                {
+                    "name": name,
+                    "overrides": overrides,
+                    "failed": reason,
+                    "log": str(log_path),
+                    "objective": None,
+                    "seconds": round(time.time() - started, 1),
+                    "threads": threads,
+                },
+            )
+            tail = "\n".join(f"    {line}" for line in lines[-15:])
             raise StageError(f"sweep job {name} ({' '.join(overrides)}) failed:\n{tail}\n  full log: {log_path}")
         metrics = json.loads((ws / EVAL_JSON).read_text(encoding="utf-8"))
     finally:
@@ -161,21 +175,34 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"))]
 
 
+def failed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in results if r.get("failed") is not None]
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table of every job: overrides, accuracy of each model, stages run/reused; best marked."""
+    """Markdown table of every job: overrides, accuracy of each model, stages run/reused; best marked.
+
+    A failed job is listed last with the error line of the stage that failed."""
     if not results:
         return "(no finished jobs)"
-    best = max(results, key=lambda r: r["objective"])
+    done = [r for r in results if r.get("failed") is None]
+    best = max(done, key=lambda r: r["objective"]) if done else None
     lines = [
         "| | experiment | overrides | int4 acc | merged acc | stages run | reused | s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(results, key=lambda r: -r["objective"]):
+    for r in sorted(done, key=lambda r: -r["objective"]):
         m = r["metrics"]
         lines.append(
             f"| {'★' if r is best else ''} | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | "
             f"{m['int4_onnx']['accuracy']:.4f} | {m['merged_pytorch']['accuracy']:.4f} | "
             f"{', '.join(r['stages']['ran']) or '-'} | {', '.join(r['stages']['reused']) or '-'} | {r['seconds']} |"
+        )
+    for r in failed(results):
+        reason = r["failed"].replace("|", "/")
+        lines.append(
+            f"| ✗ | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | failed | {reason} "
+            f"(log: {r['log']}) | | | {r['seconds']} |"
         )
     return "\n".join(lines)
 
@@ -188,6 +215,10 @@ def summarise(sweep_dir: Path) -> str:
     return table
 
 
+# Jobs of the sweep that just ended which failed (set by SweepSummary; scripts/sweep.py exits 1 if any).
+FAILED_JOBS: list[str] = []
+
+
 class SweepSummary(Callback):
     """Hydra callback: after the last job, print every job's params and metrics with the best marked."""
 
@@ -196,5 +227,9 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         table = summarise(sweep_dir)
-        print(f"\nsweep {sweep_dir} ({len(collect(sweep_dir))} jobs):\n{table}\n")
+        results = collect(sweep_dir)
+        print(f"\nsweep {sweep_dir} ({len(results)} jobs):\n{table}\n")
         print("compare with DVC: dvc exp show   |   plots: dvc plots diff <exp> <exp>")
+        FAILED_JOBS[:] = [r["name"] for r in failed(results)]
+        if FAILED_JOBS:
+            print(f"slmkit sweep: {len(FAILED_JOBS)} of {len(results)} jobs failed: {', '.join(FAILED_JOBS)}")
