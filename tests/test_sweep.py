@@ -36,6 +36,17 @@ def test_pipeline_graph_from_dvc_yaml():
     assert "merge" in graph["quantize"] and "quantize" in graph["evaluate"]
 
 
+def test_every_stage_can_be_restored_from_the_run_cache():
+    """DVC skips the run cache for a stage with an uncached output that is not a metric or plot
+    (dvc/stage/__init__.py: no_cache_outs): switching data back would then retrain. Uncached outputs
+    must be declared as metrics or plots."""
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            props = next(iter(out.values())) if isinstance(out, dict) else {}
+            assert props.get("cache", True), f"stage {name}: uncached `outs:` entry {out} disables its run cache"
+
+
 def test_committed_lock_matches_committed_params():
     """dvc.lock was produced from params.yaml as committed: no stage is stale in a fresh clone."""
     params = _committed("params.yaml")
