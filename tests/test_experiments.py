@@ -88,7 +88,7 @@ def test_a_failed_job_is_listed_and_the_other_jobs_go_on(workspace: Path):
     proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=1200)
     assert proc.returncode != 0
     failed, done = sorted(collect(_latest_sweep(workspace)), key=lambda r: r["overrides"][0])
-    assert failed["overrides"] == ["data.path=data/missing.jsonl"] and "data file not found" in failed["failed"]
+    assert failed["overrides"] == ["data.path=data/missing.jsonl"] and "missing.jsonl" in failed["failed"]
     assert "failed" not in done and 0 <= done["objective"] <= 1
     assert "1 of 2 jobs failed" in proc.stdout + proc.stderr
     assert "| ✗ |" in proc.stdout and "| ★ |" in proc.stdout
