@@ -37,8 +37,9 @@ def main(argv: list[str]) -> int:
             print("  none: every stage is up to date with this config")
         if cfg.train.nproc_per_node > 1:
             from slmkit.distributed import launch_command
+            from slmkit.olive_run import scratch_dir
 
-            cmd = launch_command(cfg.train.nproc_per_node, Path("artifacts/.olive-train/olive_config.json"))
+            cmd = launch_command(cfg.train.nproc_per_node, scratch_dir("train") / "olive_config.json")
             print(f"train runs {cfg.train.nproc_per_node} data-parallel processes:\n  {' '.join(cmd)}")
         return 0
     if check:

@@ -10,7 +10,6 @@ step, tokens/s, peak memory) and the loss curve metrics/train_loss.csv (step, lo
 """
 
 import json
-import resource
 import shutil
 import time
 
@@ -54,10 +53,7 @@ def train_stats(cfg, tokenizer, train_jsonl, seconds: float, epochs: float, peak
     t = cfg.train
     examples_per_step = t.batch_size * t.gradient_accumulation_steps * t.nproc_per_node
     tokens_seen = t.max_steps * examples_per_step * sum(tokens) / len(tokens)
-    if peaks is None:
-        gpu = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        peaks = [{"peak_gpu_memory_gib": gpu, "peak_rss_gib": rss}]
+    peaks = peaks or [resources.peak_memory()]
     gpus = [p["peak_gpu_memory_gib"] for p in peaks if p["peak_gpu_memory_gib"] is not None]
     return {
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -17,9 +17,9 @@ A worker's exit code is torchrun's: one failed rank stops the others and fails t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -73,7 +73,7 @@ def check_devices(nproc: int) -> str:
 
 def for_ranks(config: dict, device: str) -> dict:
     """The Olive config every rank runs: the model on the rank's own device, not spread by device_map=auto."""
-    config = json.loads(json.dumps(config))
+    config = copy.deepcopy(config)
     for olive_pass in config["passes"].values():
         # "current_device" is Olive's {"": torch.cuda.current_device()}; the worker sets that to its GPU.
         olive_pass["device_map"] = "current_device" if device == "cuda" else None
@@ -103,7 +103,6 @@ def run_workflow(config: dict, work: Path, what: str, nproc: int, device: str) -
             proc.kill()
         raise
     raise_if_interrupted()
-    log.info("torchrun exited with code %d", code)
     if code != 0:
         logs = "\n".join(f"    {p}" for p in sorted(work.glob("**/olive.log")))
         raise StageError(
@@ -149,7 +148,7 @@ def _worker(config_path: Path) -> None:
     """One rank: run Olive in this rank's folder, then record its peak memory."""
     import torch
 
-    from slmkit import olive_run
+    from slmkit import olive_run, resources
     from slmkit.config import load_params
     from slmkit.tiny import seed_everything
 
@@ -166,13 +165,7 @@ def _worker(config_path: Path) -> None:
     olive_run.run_workflow(config, here, f"LoRA training (rank {rank})")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    peak = {
-        "rank": rank,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        if torch.cuda.is_available()
-        else None,
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-    }
+    peak = {"rank": rank, **resources.peak_memory()}
     (here / RANK_STATS.format(rank=rank)).write_text(json.dumps(peak), encoding="utf-8")
 
 

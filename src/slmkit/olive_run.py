@@ -133,9 +133,14 @@ def check_merged(model: Path, log_path: Path) -> None:
         )
 
 
+def scratch_dir(stage: str) -> Path:
+    """Where a stage runs Olive (artifacts/.olive-<stage>)."""
+    return stage_dir(stage).with_name(f".olive-{stage}")
+
+
 def scratch(stage: str) -> Path:
     """A clean work folder for a stage's Olive run: kept after a failure (its log), removed after success."""
-    work = stage_dir(stage).with_name(f".olive-{stage}")
+    work = scratch_dir(stage)
     shutil.rmtree(work, ignore_errors=True)
     return work
 

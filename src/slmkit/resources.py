@@ -34,6 +34,19 @@ def parameters(model: ModelConfig, model_path: str | Path | None = None) -> int 
     return None if net is None else arch.parameter_count(net)
 
 
+def peak_memory() -> dict[str, float | None]:
+    """This process's peak GPU memory (None without CUDA) and peak resident memory, in GiB."""
+    import resource
+
+    import torch
+
+    gpu = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+    return {
+        "peak_gpu_memory_gib": gpu,
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }
+
+
 def need(stage: str, cfg: Config, n_params: int) -> tuple[int, int]:
     """(disk bytes, memory bytes) a stage needs for a model of n_params parameters, roughly."""
     weights = n_params * DTYPE_BYTES[cfg.train.torch_dtype]

@@ -130,34 +130,28 @@ def run_job(
         if proc.returncode:
             lines = text.splitlines()
             reason = next((ln.strip() for ln in reversed(lines) if ": error: " in ln), lines[-1] if lines else "")
-            write_json(
-                job_dir / RESULT_FILE,
-                {
-                    "name": name,
-                    "overrides": overrides,
-                    "failed": reason,
-                    "log": str(log_path),
-                    "objective": None,
-                    "seconds": round(time.time() - started, 1),
-                    "threads": threads,
-                },
-            )
+            record = {"failed": reason, "log": str(log_path), "objective": None}
+            write_json(job_dir / RESULT_FILE, _job_record(name, overrides, started, threads, record))
             tail = "\n".join(f"    {line}" for line in lines[-15:])
             raise StageError(f"sweep job {name} ({' '.join(overrides)}) failed:\n{tail}\n  full log: {log_path}")
         metrics = json.loads((ws / EVAL_JSON).read_text(encoding="utf-8"))
     finally:
         shutil.rmtree(ws, ignore_errors=True)
-    result = {
+    outcome = {"metrics": metrics, "objective": metrics[OBJECTIVE[0]][OBJECTIVE[1]], "stages": stage_report(text)}
+    result = _job_record(name, overrides, started, threads, outcome)
+    write_json(job_dir / RESULT_FILE, result)
+    return result
+
+
+def _job_record(name: str, overrides: list[str], started: float, threads: int, outcome: dict) -> dict[str, Any]:
+    """The result.json of a job, finished or failed: who it was, what came of it, how long it took."""
+    return {
         "name": name,
         "overrides": overrides,
-        "metrics": metrics,
-        "objective": metrics[OBJECTIVE[0]][OBJECTIVE[1]],
-        "stages": stage_report(text),
+        **outcome,
         "seconds": round(time.time() - started, 1),
         "threads": threads,
     }
-    write_json(job_dir / RESULT_FILE, result)
-    return result
 
 
 def job_config(raw) -> Config:
