@@ -3,13 +3,14 @@
     python scripts/base.py       (reads params.yaml and artifacts/prepare/; writes artifacts/base/)
 
 For model.source=tiny it trains a byte-level BPE tokenizer on the training split, builds a Phi-3
-model and warms it up briefly on the training phrases, all from the seed. source=random builds the
+model and warms it up briefly on the training phrases, all from the seed. source=gguf converts a .gguf
+checkpoint (model.path) into a Hugging Face folder with its tokenizer and chat template. source=random builds the
 model of model.architecture (e.g. the real Phi-3-mini layout) with random weights and the same kind of
 tokenizer. For hub models the weights stay in the Hugging Face cache at the pinned revision;
 base.json points at them.
 """
 
-from slmkit import hub, lineage, resources
+from slmkit import gguf, hub, lineage, resources
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.prompt import build_training_text
@@ -45,6 +46,10 @@ def run() -> None:
             n_params = build_random(cfg.model, tokenizer, cfg.seed, out / "model")
             log.info("%s layout with random weights: %d parameters", cfg.model.name, n_params)
             base = {"source": "random", "model_path": str(stage_dir("base") / "model"), "parameters": n_params}
+        elif cfg.model.source == "gguf":
+            facts = gguf.convert(cfg.model.path, out / "model")
+            log.info("%s: %d parameters, vocab %d", cfg.model.path, facts["parameters"], facts["vocab_size"])
+            base = {"source": "gguf", "model_path": str(stage_dir("base") / "model"), **facts}
         else:
             path = hub.model_path(cfg.model)
             base = {

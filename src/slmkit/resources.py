@@ -52,6 +52,8 @@ def need(stage: str, cfg: Config, n_params: int) -> tuple[int, int]:
     weights = n_params * DTYPE_BYTES[cfg.train.torch_dtype]
     fp32 = n_params * 4
     if stage == "base":
+        if cfg.model.source == "gguf":
+            return fp32, 3 * fp32  # the fp32 folder; GGUF tensors, dequantized copy and the saved model
         if cfg.model.source != "tiny":
             return 0, 0  # hub and local weights are used where they are, not copied
         return fp32, 4 * fp32  # weights + gradients + two Adam moments for the warm-up

@@ -1,0 +1,93 @@
+"""Slow tier: the real pretrained default (SmolLM2-135M from its GGUF file) through the whole pipeline.
+
+The GGUF source ends in the same kind of Hugging Face folder a hub snapshot is (pretrained tokenizer, chat
+template, real module names), so this is also the path `model=phi3_mini_4k` takes after its download.
+Few training steps: the test checks real-tokenizer behaviour and the gates, not the headline accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from workspace import copy_repo, make
+
+from slmkit import inference
+from slmkit.config import load_params
+from slmkit.data import read_split, sha256_file
+from slmkit.gguf import resolve
+from slmkit.prompt import build_prompt, stop_marker
+
+pytestmark = pytest.mark.slow
+
+# The model's own chat template (ChatML), so the stop marker comes from it; few steps keep it minutes.
+ARGS = "ARGS=data=tones_chat train.max_steps=30 train.eval_steps=30"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> Path:
+    ws = copy_repo(tmp_path_factory.mktemp("real"), tiny=False)
+    result = make("finetune", ws, ARGS)
+    (ws / "finetune.log").write_text(result.stdout + result.stderr)
+    return ws
+
+
+def test_base_is_the_converted_gguf_with_its_hash(real: Path):
+    cfg = load_params(real / "params.yaml")
+    assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf"
+    base = json.loads((real / "artifacts/base/base.json").read_text())
+    assert base["gguf_sha256"] == sha256_file(resolve(cfg.model.path))
+    assert base["parameters"] == cfg.model.architecture["num_parameters"]
+    folder = real / "artifacts/base/model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_genai_and_hugging_face_tokenize_every_test_prompt_alike(real: Path):
+    from transformers import AutoTokenizer
+
+    cfg = load_params(real / "params.yaml")
+    test = read_split(real / "artifacts/prepare/test.jsonl")
+    genai = inference.GenaiModel(real / "artifacts/quantize/model")
+    hf = AutoTokenizer.from_pretrained(real / "artifacts/merge/model")
+    prompts = [build_prompt(cfg.data, e.text) for e in test]
+    assert [genai.encode(p) for p in prompts] == [hf(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # No BOS surprise: neither side adds a token the training text did not have.
+    assert genai.encode(prompts[0])[0] == hf.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_label_tokens_and_the_stop_marker_come_from_the_models_template(real: Path):
+    from transformers import AutoTokenizer
+
+    cfg = load_params(real / "params.yaml")
+    hf = AutoTokenizer.from_pretrained(real / "artifacts/merge/model")
+    genai = inference.GenaiModel(real / "artifacts/quantize/model")
+    assert stop_marker(cfg.data) == "<|im_end|>"
+    prompt = build_prompt(cfg.data, "The lights went out and something breathed behind me.")
+    encode = lambda text: hf(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    candidates, end_id = inference.label_token_ids(encode, cfg.data, prompt, hf.eos_token_id)
+    assert (candidates, end_id) == inference.label_token_ids(genai.encode, cfg.data, prompt, genai.eos_id)
+    # The label ends with the template's <|im_end|>: one special token, the model's own end of turn.
+    assert end_id == hf.convert_tokens_to_ids("<|im_end|>") == hf.eos_token_id == genai.eos_id
+    assert [hf.decode(c) for c in candidates] == list(cfg.data.labels)
+    # Constrained decoding needs one forward pass when first tokens differ: they do for these labels.
+    assert len({c[0] for c in candidates}) == len(candidates)
+
+
+def test_parity_gate_and_the_bar(real: Path):
+    metrics = json.loads((real / "metrics/eval.json").read_text())
+    tolerance = load_params(real / "params.yaml").evaluate.parity_tolerance
+    assert metrics["int4_onnx"]["accuracy"] >= metrics["merged_pytorch"]["accuracy"] - tolerance
+    # A pretrained model adapts in 30 steps far past zero-shot; every output is a label.
+    assert metrics["merged_pytorch"]["accuracy"] > metrics["base_pytorch"]["accuracy"] + 0.2
+    assert metrics["int4_onnx"]["invalid_rate"] == 0
+    assert "Test accuracy" in (real / "finetune.log").read_text()
+
+
+def test_stop_decoding_writes_the_label_then_the_end_of_turn(real: Path):
+    clf = inference.load(real / "artifacts/quantize/model")
+    phrases = ["I can't stop smiling today!", "Nobody came to the funeral."]
+    preds = clf.classify(phrases, decoding="stop")
+    assert all(p.label in clf.data.labels for p in preds), preds
