@@ -390,3 +390,72 @@ def test_olive_telemetry_opt_out_is_complete(env: dict, expected: str):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-2] == expected
+
+
+# --- builder.adapter=separate: the base in int4, the LoRA branches beside it in full precision ------------
+
+
+def _adapter_and_base(paths, targets: list[str], layers: int) -> None:
+    paths["adapter"].mkdir(parents=True)
+    (paths["adapter"] / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
+    paths["base"].mkdir(parents=True)
+    (paths["base"] / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+
+
+def test_separate_adapter_builds_from_the_base_with_its_branches_kept_out_of_int4(paths, olive_passes):
+    cfg = compose(["model=smollm2_135m", "builder.adapter=separate"])
+    _adapter_and_base(paths, ["q_proj", "down_proj"], layers=2)
+    workflow = olive_config.quantize_workflow(cfg, paths["base"], paths["work"], paths["adapter"])
+    assert workflow["input_model"]["model_path"] == str(paths["base"])
+    assert workflow["input_model"]["adapter_path"] == str(paths["adapter"])
+    kept = set(_only_pass(workflow)["int4_nodes_to_exclude"])
+    for layer in (0, 1):
+        for module in ("q_proj", "down_proj"):
+            for part in ("lora_A", "lora_B"):
+                assert any(name.startswith(f"/model/layers.{layer}/") and f"/{module}/{part}/" in name for name in kept)
+    assert not any("/layers.2/" in name or "/k_proj/" in name for name in kept)
+    _olive_pass_config(workflow, olive_passes)  # ModelBuilder knows int4_nodes_to_exclude
+
+
+def test_separate_adapter_names_the_parts_of_packed_projections():
+    names = olive_config.lora_branch_nodes(["qkv_proj", "gate_up_proj"], num_layers=1)
+    for part in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj"):
+        assert f"/model/layers.0/attn/{part}/lora_A/MatMul" in names
+
+
+def test_merged_build_has_no_exclusions(paths):
+    cfg = compose(["model=smollm2_135m", "builder.adapter=merged"])
+    workflow = olive_config.quantize_workflow(cfg, paths["merged"], paths["work"])
+    assert "int4_nodes_to_exclude" not in _only_pass(workflow)
+    assert "adapter_path" not in workflow["input_model"]
+
+
+def _onnx_with(path: Path, nodes: list[tuple[str, str]]) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "x"], [f"y{i}"], name=name) for i, (op, name) in enumerate(nodes)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 1]) for i in range(len(nodes))],
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph), str(path / "model.onnx"))
+    return path
+
+
+def test_lora_branch_check_fails_on_a_quantized_or_missing_branch(tmp_path: Path):
+    from slmkit.olive_run import check_lora_branches
+    from slmkit.stage import StageError
+
+    good = [
+        ("MatMul", "/model/layers.0/attn/q_proj/lora_A/MatMul"),
+        ("MatMul", "/model/layers.0/attn/q_proj/lora_B/MatMul"),
+    ]
+    check_lora_branches(_onnx_with(tmp_path / "good", good), 2, tmp_path / "olive.log")
+    quantized = [good[0], ("MatMulNBits", "/model/layers.0/attn/q_proj/lora_B/MatMul_Q4")]
+    with pytest.raises(StageError, match="1 of them quantized"):
+        check_lora_branches(_onnx_with(tmp_path / "q", quantized), 2, tmp_path / "olive.log")
+    with pytest.raises(StageError, match="builder.adapter=merged"):
+        check_lora_branches(_onnx_with(tmp_path / "missing", good[:1]), 2, tmp_path / "olive.log")

@@ -33,8 +33,8 @@ def make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 # The plumbing tests run on the fast tiny model, not the shipped default (SmolLM2-135M, minutes per run):
-# the copy's conf/config.yaml picks it, so `make finetune` with no ARGS means the tiny model there.
-TINY_DEFAULTS = {"- model: smollm2_135m": "- model: phi3_tiny", "- train: smollm2": "- train: tiny"}
+# the copy's conf/config.yaml picks its preset (conf/experiment/tiny.yaml), so `make finetune` with no ARGS means the tiny model there.
+TINY_DEFAULTS = {"- experiment: null": "- experiment: tiny"}
 
 
 def pin_tiny_default(ws: Path) -> None:

@@ -21,6 +21,11 @@ TORCH_DTYPES = ("float32", "bfloat16", "float16")
 # transformers.TrainingArguments optimizers slmkit has run (paged_* need a CUDA GPU).
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adafactor", "sgd")
 TOO_LONG_POLICIES = ("refuse", "truncate")
+# builder.adapter: merged = ModelBuilder on the merged model (the reference recipe); separate = the base
+# quantized, the LoRA branches kept beside it in full precision (ModelBuilder's adapter_path).
+ADAPTER_MODES = ("merged", "separate")
+# LoRA targets ModelBuilder cannot keep apart (it builds LoRA branches for linear layers only).
+NOT_SEPARABLE = ("embed_tokens", "lm_head")
 DECODINGS = ("stop", "constrained")
 
 
@@ -121,6 +126,8 @@ class BuilderConfig:
     # Only for precision=int4 (MatMulNBits); null otherwise.
     int4_block_size: int | None = None
     int4_accuracy_level: int | None = None
+    # merged | separate (ADAPTER_MODES); separate keeps int4 rounding off the adapter's weights.
+    adapter: str = "merged"
 
 
 @dataclass
@@ -237,6 +244,21 @@ def check_values(cfg: Config) -> None:
         "builder",
         "fp16 on CPU is not supported by ModelBuilder; use builder=int4_cpu or builder=fp32_cpu",
     )
+    _check_choice(b.adapter, "builder.adapter", ADAPTER_MODES)
+    if b.adapter == "separate":
+        _check(
+            lo.method != "dora",
+            "builder.adapter",
+            "ModelBuilder builds plain LoRA branches and would drop DoRA's magnitude vectors; "
+            "use builder.adapter=merged with lora=dora",
+        )
+        kept = sorted(set(lo.target_modules or []) & set(NOT_SEPARABLE))
+        _check(
+            not kept,
+            "builder.adapter",
+            f"ModelBuilder keeps only linear-layer LoRA branches apart, and lora.target_modules has {kept}; "
+            "use builder.adapter=merged (experiment=tiny sets it for the tiny model)",
+        )
     if b.precision == "int4":
         _check(
             b.int4_block_size in (16, 32, 64, 128, 256),

@@ -158,18 +158,59 @@ def merge_workflow(cfg: Config, base_path: str | Path, adapter_path: str | Path,
     return _workflow(cfg, _input_model(cfg, base_path, adapter_path), passes, work_dir)
 
 
-def quantize_workflow(cfg: Config, merged_path: str | Path, work_dir: Path) -> dict[str, Any]:
-    """Olive ModelBuilder: merged model -> ONNX model folder for onnxruntime-genai."""
+def quantize_workflow(
+    cfg: Config, model_path: str | Path, work_dir: Path, adapter_path: str | Path | None = None
+) -> dict[str, Any]:
+    """Olive ModelBuilder -> ONNX model folder for onnxruntime-genai.
+
+    builder.adapter=merged: `model_path` is the merged model. separate: `model_path` is the base and
+    `adapter_path` the LoRA adapter; ModelBuilder builds the adapter's branches beside the base's layers."""
+    if cfg.builder.adapter == "separate":
+        if adapter_path is None:
+            raise ValueError("builder.adapter=separate needs the adapter")
+        targets = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
+        passes = {"builder": builder_pass(cfg, lora_branch_nodes(targets, _num_layers(model_path)))}
+        return _workflow(cfg, _input_model(cfg, model_path, adapter_path), passes, work_dir, for_builder=True)
     passes = {"builder": builder_pass(cfg)}
-    return _workflow(cfg, _input_model(cfg, merged_path), passes, work_dir, for_builder=True)
+    return _workflow(cfg, _input_model(cfg, model_path), passes, work_dir, for_builder=True)
 
 
-def builder_pass(cfg: Config) -> dict[str, Any]:
+# ModelBuilder names a LoRA branch's MatMuls <layer>/<block>/<module>/lora_{A,B}/MatMul; a packed Phi-3
+# projection (qkv_proj, gate_up_proj) gets branches under each part's name too.
+LORA_BRANCH = "/model/layers.{layer}/{block}/{module}/{part}/MatMul"
+PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _num_layers(model_path: str | Path) -> int:
+    return int(json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"])
+
+
+def lora_branch_nodes(targets: list[str], num_layers: int) -> list[str]:
+    """Names of every MatMul ModelBuilder may make for LoRA branches on `targets`: kept out of int4.
+
+    A superset (names ModelBuilder does not make are ignored); the quantize stage checks afterwards that
+    no branch was quantized (olive_run.check_lora_branches), so a naming change fails loudly."""
+    modules = set(targets)
+    for packed, parts in PACKED_PARTS.items():
+        if packed in modules:
+            modules.update(parts)
+    return [
+        LORA_BRANCH.format(layer=layer, block=block, module=module, part=part)
+        for layer in range(num_layers)
+        for block in ("attn", "mlp")
+        for module in sorted(modules)
+        for part in ("lora_A", "lora_B")
+    ]
+
+
+def builder_pass(cfg: Config, keep_out_of_int4: list[str] | None = None) -> dict[str, Any]:
     b = cfg.builder
     olive_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": b.precision}
     if b.precision == "int4":
         olive_pass["int4_block_size"] = b.int4_block_size
         olive_pass["int4_accuracy_level"] = b.int4_accuracy_level
+        if keep_out_of_int4:
+            olive_pass["int4_nodes_to_exclude"] = keep_out_of_int4
     return olive_pass
 
 
@@ -181,9 +222,14 @@ def single_workflow(
     The same passes, data configs and training arguments as the train, merge and quantize stages, chained
     the way Olive's own Phi-3 example is; `make olive-config` writes it (the eject path)."""
     data = [_text_data(cfg, "train_data", train_jsonl), _text_data(cfg, "val_data", val_jsonl)]
-    passes = {
-        "lora": adapter_pass(cfg, work_dir / "checkpoints"),
-        "merge": {"type": "MergeAdapterWeights"},
-        "builder": builder_pass(cfg),
-    }
+    passes: dict[str, Any] = {"lora": adapter_pass(cfg, work_dir / "checkpoints")}
+    if cfg.builder.adapter == "separate":
+        # Olive hands the LoRA pass's adapter straight to ModelBuilder, which keeps it apart.
+        from slmkit.arch import adaptable_modules, meta_model
+
+        targets = cfg.lora.target_modules or sorted(adaptable_modules(meta_model(cfg.model)))
+        passes["builder"] = builder_pass(cfg, lora_branch_nodes(list(targets), _num_layers(base_path)))
+    else:
+        passes["merge"] = {"type": "MergeAdapterWeights"}
+        passes["builder"] = builder_pass(cfg)
     return _workflow(cfg, _input_model(cfg, base_path), passes, work_dir, data, for_builder=True)

@@ -93,7 +93,7 @@ def require(paths: list[Path], what: str, log_path: Path) -> None:
         )
 
 
-def _tensor_names(files: list[Path], what: str, log_path: Path) -> list[str]:
+def tensor_names(files: list[Path], what: str, log_path: Path) -> list[str]:
     from safetensors import safe_open
 
     names: list[str] = []
@@ -111,7 +111,7 @@ def _tensor_names(files: list[Path], what: str, log_path: Path) -> list[str]:
 
 def check_adapter(adapter: Path, target_modules: list[str], log_path: Path) -> None:
     """Fail unless the adapter holds LoRA A and B weights for every configured target module."""
-    names = _tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
+    names = tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
     lora = [n for n in names if "lora_" in n]
     missing = [m for m in target_modules if not any(f".{m}." in n for n in lora)]
     if not lora or missing:
@@ -124,12 +124,30 @@ def check_adapter(adapter: Path, target_modules: list[str], log_path: Path) -> N
 def check_merged(model: Path, log_path: Path) -> None:
     """Fail unless the merged model's weights are readable and hold no LoRA tensors (the merge happened)."""
     files = sorted(model.glob("*.safetensors"))
-    names = _tensor_names(files, "adapter merge", log_path)
+    names = tensor_names(files, "adapter merge", log_path)
     left = [n for n in names if "lora_" in n]
     if not names or left:
         raise StageError(
             f"Olive adapter merge wrote {model} with {len(names)} tensors, {len(left)} of them still LoRA "
             f"weights: the adapter was not merged.\n{_relevant_lines(log_path)}\n  full log: {log_path}"
+        )
+
+
+def check_lora_branches(model: Path, expected: int, log_path: Path) -> None:
+    """Fail unless ModelBuilder built the adapter's LoRA branches (builder.adapter=separate), all of them
+    in full precision: a branch it skipped would silently drop part of the fine-tuning, and one it
+    quantized would put int4 rounding back on the adapter."""
+    import onnx
+
+    graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
+    branches = [n for n in graph.node if "/lora_A/" in n.name or "/lora_B/" in n.name]
+    quantized = sorted(n.name for n in branches if n.op_type != "MatMul")
+    if len(branches) != expected or quantized:
+        raise StageError(
+            f"ModelBuilder wrote {model / 'model.onnx'} with {len(branches)} LoRA-branch nodes where the adapter "
+            f"has {expected} LoRA matrices, {len(quantized)} of them quantized ({quantized[:3]}): "
+            "the adapter is not kept apart in full precision (builder.adapter=separate). Use "
+            f"builder.adapter=merged.\n{_relevant_lines(log_path)}\n  full log: {log_path}"
         )
 
 
