@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from slmkit.config import DECODINGS
-from slmkit.inference import DEFAULT_DECODING
+from slmkit.inference import DEFAULT_BATCH_SIZE, DEFAULT_DECODING
 from slmkit.stage import EVAL_JSON, stage_dir
 
 DEFAULT_MODEL = stage_dir("quantize") / "model"
@@ -63,7 +63,13 @@ def _load(args: argparse.Namespace):
     from slmkit.inference import load
 
     path, data = _resolve_model(args.model)
-    return load(path, data, max_new_tokens=args.max_new_tokens, decoding=getattr(args, "decoding", DEFAULT_DECODING))
+    return load(
+        path,
+        data,
+        max_new_tokens=args.max_new_tokens,
+        decoding=getattr(args, "decoding", DEFAULT_DECODING),
+        batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
+    )
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -82,13 +88,16 @@ def _classify(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"slmkit classify: error: {err}", file=sys.stderr)
         return 1
-    # The bar goes to stderr (results stay clean on stdout) and only for files and stdin, on a terminal.
-    for text in tqdm(texts, desc="classify", unit="phrase", disable=None if not args.text else True):
-        pred = clf.classify([text])[0]
-        if args.json:
-            print(json.dumps({"text": pred.text, "label": pred.label, "output": pred.output}, ensure_ascii=False))
-        else:
-            print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}", flush=True)
+    # Batches of --batch-size phrases, each printed as soon as it is done. The bar goes to stderr (results
+    # stay clean on stdout) and only for files and stdin, on a terminal.
+    with tqdm(total=len(texts), desc="classify", unit="phrase", disable=None if not args.text else True) as bar:
+        for start in range(0, len(texts), args.batch_size):
+            for pred in clf.classify(texts[start : start + args.batch_size], progress=bar.update):
+                if args.json:
+                    row = {"text": pred.text, "label": pred.label, "output": pred.output}
+                    print(json.dumps(row, ensure_ascii=False), flush=True)
+                else:
+                    print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}", flush=True)
     return 0
 
 
@@ -149,6 +158,12 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number >= 1")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slmkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING, help="default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, default=8, help="for --decoding stop")
     p.add_argument("--json", action="store_true", help="one JSON object per phrase")
+    p.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="phrases per forward pass (%(default)s)"
+    )
     p.set_defaults(func=_classify)
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
     c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
