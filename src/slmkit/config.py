@@ -126,7 +126,9 @@ class BuilderConfig:
 class EvaluateConfig:
     max_new_tokens: int = 8
     batch_size: int = 16
-    decoding: str = "constrained"  # stop | constrained (slmkit.inference.DECODINGS); both are measured
+    decoding: str = "constrained"  # stop | constrained (slmkit.inference.DECODINGS)
+    # Also score every model with the other decoding (metrics/eval.json's decoding_comparison): twice the time.
+    compare_decodings: bool = False
     # The stage fails when the quantized model's accuracy is more than this below the merged model's.
     parity_tolerance: float = 0.02
 
