@@ -9,6 +9,7 @@ ARGS ?=
 TEXT ?=
 FILE ?=
 MODEL ?= int4
+PORT ?= 8000
 ARTIFACT ?=
 PY := $(VENV)/bin/python
 # setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
@@ -19,7 +20,7 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify chat \
+.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify serve chat \
 	report bench bench-overhead push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
@@ -77,6 +78,9 @@ olive-config: env ## Eject: one Olive config for `olive run --config olive-confi
 classify: env ## Label a phrase (TEXT="...") or a file (FILE=phrases.txt|.jsonl); MODEL=int4|merged|base|<folder>
 	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make classify TEXT="a phrase"  or  make classify FILE=phrases.txt'; exit 2; }
 	$(PY) -m slmkit.cli classify --model $(MODEL) $(if $(FILE),--file "$(FILE)","$(TEXT)")
+
+serve: env ## The int4 model behind an HTTP JSON API on 127.0.0.1 (POST /classify, GET /health; PORT=8000, MODEL=...)
+	$(PY) -m slmkit.cli serve --model $(MODEL) --port $(PORT)
 
 chat: env ## Free generation with the fine-tuned model, line by line (MODEL=int4|merged|base|<folder>)
 	$(PY) -m slmkit.cli chat --model $(MODEL)

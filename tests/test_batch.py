@@ -1,8 +1,7 @@
 """Batched inference gives the labels (and outputs) of the one-at-a-time path, in both backends.
 
-A tiny Phi-3 model is built here, briefly warmed up so its outputs are not uniform, saved as a PyTorch
-folder and built into an int4 onnxruntime-genai folder with the same builder Olive's ModelBuilder pass runs.
-Phrases of very different lengths make the left padding matter.
+The tiny model (conftest.tiny_model_dirs) is a real PyTorch folder and a real int4 onnxruntime-genai folder;
+phrases of very different lengths make the padding matter.
 """
 
 from __future__ import annotations
@@ -13,52 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PHRASES
 
-from slmkit.config import DataConfig, TinyModelConfig
-from slmkit.inference import Classifier, GenaiModel, TorchModel, save_prompt_config
+from slmkit.config import DataConfig
+from slmkit.inference import Classifier, GenaiModel, TorchModel
 from slmkit.prompt import build_prompt
-
-PHRASES = [
-    "Hi!",
-    "I can't stop smiling today.",
-    "The letter never came and the house feels empty, every room of it, every single evening since June.",
-    "Something moved in the dark hallway.",
-    "They threw me a party I knew nothing about!",
-    "Why?",
-    "We lost the dog on the motorway and nobody stopped to help us look for him.",
-    "A knock at three in the morning.",
-    "Wow",
-]
-
-TINY = TinyModelConfig(
-    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, warmup_steps=30
-)
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tiny_tokenizer, _composed) -> dict[str, Path]:
-    """{"pytorch": HF folder, "onnx": int4 genai folder} of one tiny model."""
-    from onnxruntime_genai.models.builder import create_model
-
-    from slmkit.tiny import build_model, seed_everything, warm_up
-
-    root = tmp_path_factory.mktemp("batch")
-    seed_everything(0)
-    model = build_model(TINY, len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
-    warm_up(model, tiny_tokenizer, [build_prompt(_composed.data, p) + "Joy" for p in PHRASES], TINY, seed=0)
-    torch_dir = root / "pytorch"
-    model.save_pretrained(torch_dir)
-    tiny_tokenizer.save_pretrained(torch_dir)
-    onnx_dir = root / "onnx"
-    create_model("", str(torch_dir), str(onnx_dir), "int4", "cpu", str(root / "cache"))
-    for folder in (torch_dir, onnx_dir):  # the prompt a shipped model folder carries
-        save_prompt_config(_composed.data, folder)
-    return {"pytorch": torch_dir, "onnx": onnx_dir}
 
 
 @pytest.fixture(scope="module", params=["pytorch", "onnx"])
-def backend(request, model_dirs):
-    path = model_dirs[request.param]
+def backend(request, tiny_model_dirs):
+    path = tiny_model_dirs[request.param]
     return GenaiModel(path) if request.param == "onnx" else TorchModel(path)
 
 
@@ -110,14 +73,23 @@ def test_batch_size_below_one_is_refused(backend, data_cfg: DataConfig):
         Classifier(backend, data_cfg, batch_size=0)
 
 
-def test_cli_classify_file_in_batches_prints_the_same_labels(model_dirs, tmp_path: Path, capsys):
+def test_cli_classify_file_in_batches_prints_the_same_labels(tiny_model_dirs, tmp_path: Path, capsys):
     from slmkit.cli import main
 
     phrases = tmp_path / "phrases.txt"
     phrases.write_text("\n".join(PHRASES) + "\n", encoding="utf-8")
     printed = {}
     for size in ("1", "4"):
-        args = ["classify", "--file", str(phrases), "--json", "--model", str(model_dirs["onnx"]), "--batch-size", size]
+        args = [
+            "classify",
+            "--file",
+            str(phrases),
+            "--json",
+            "--model",
+            str(tiny_model_dirs["onnx"]),
+            "--batch-size",
+            size,
+        ]
         assert main(args) == 0
         printed[size] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in printed["4"]] == PHRASES

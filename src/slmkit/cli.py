@@ -1,4 +1,4 @@
-"""`slmkit classify|chat|summary|lineage`: use the fine-tuned model from the command line."""
+"""`slmkit classify|chat|serve|summary|lineage`: use the fine-tuned model from the command line."""
 
 from __future__ import annotations
 
@@ -101,6 +101,24 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from slmkit.serve import ServeSettings, serve
+
+    try:
+        clf = _load(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"slmkit serve: error: {err}", file=sys.stderr)
+        return 1
+    settings = ServeSettings(
+        max_phrases=args.max_phrases,
+        max_chars=args.max_chars,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+    )
+    serve(clf, settings, args.host, args.port, model_name=str(args.model))
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     try:
         clf = _load(args)
@@ -187,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--json", action="store_true", help="one JSON object per reply")
     c.set_defaults(func=_chat)
+    v = sub.add_parser("serve", help="the model behind an HTTP JSON API: POST /classify, GET /health")
+    v.add_argument("--model", default="int4", help=models)
+    v.add_argument("--host", default="127.0.0.1", help="%(default)s: this machine only; 0.0.0.0 to expose it")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="phrases per forward pass")
+    v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    v.add_argument("--queue-size", type=_positive, default=32, help="waiting requests before 503 (%(default)s)")
+    v.add_argument("--max-phrases", type=_positive, default=64, help="phrases per request (%(default)s)")
+    v.add_argument("--max-chars", type=_positive, help="longest phrase (default: the model folder's data.max_chars)")
+    v.set_defaults(func=_serve, max_new_tokens=8)
     s = sub.add_parser("summary", help="where the model is and its test accuracy")
     s.set_defaults(func=_summary)
     lin = sub.add_parser("lineage", help="where an artifact came from: each stage's data, config, code, versions")

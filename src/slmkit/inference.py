@@ -27,7 +27,8 @@ class Prediction:
 
 
 def save_prompt_config(data: DataConfig, model_dir: Path) -> None:
-    spec = {"template": data.template, "labels": list(data.labels)}
+    # max_chars: the longest phrase the model was trained for; `slmkit serve` refuses longer ones.
+    spec = {"template": data.template, "labels": list(data.labels), "max_chars": data.max_chars}
     (model_dir / PROMPT_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
 
@@ -36,7 +37,10 @@ def load_prompt_config(model_dir: Path) -> DataConfig:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {model_dir} is not a model folder written by slmkit")
     spec = json.loads(path.read_text(encoding="utf-8"))
-    return DataConfig(path="", labels=spec["labels"], template=spec["template"])
+    data = DataConfig(path="", labels=spec["labels"], template=spec["template"])
+    if "max_chars" in spec:  # folders written before it was recorded keep the default
+        data.max_chars = int(spec["max_chars"])
+    return data
 
 
 def pick_label(candidates: list[list[int]], end_id: int, logits, advance) -> int:
