@@ -120,3 +120,25 @@ def _wait_for(condition, seconds: float = 30) -> None:
     while not condition():
         assert time.monotonic() < end, "the server did not reach the expected state"
         time.sleep(0.01)
+
+
+def test_load_test_counts_every_answer_and_stops_at_the_request_budget(server):
+    from slmkit.bench import load_test
+
+    result = load_test(server.url, PHRASES, concurrency=3, requests=7, max_seconds=60)
+    assert result["requests"] == 7 and result["errors"] == {}
+    assert result["latency_p50_ms"] <= result["latency_p95_ms"]
+
+
+def test_load_test_counts_refusals_as_errors(server):
+    from slmkit.bench import load_test
+
+    result = load_test(server.url, ["x" * 500], concurrency=2, requests=4, max_seconds=60)
+    assert result["requests"] == 0 and result["errors"] == {"422": 4}
+
+
+def test_batch_vs_loop_reports_identical_labels(tiny_model_dirs):
+    from slmkit.bench import batch_vs_loop
+
+    result = batch_vs_loop(tiny_model_dirs["onnx"], PHRASES, batch_size=4, threads=1)
+    assert result["labels_identical"] and result["phrases"] == len(PHRASES) and result["threads"] == 1

@@ -100,11 +100,15 @@ class GenaiModel:
 
     kind = "onnx"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime_genai as og
 
         self._og = og
-        self.model = og.Model(str(path))
+        config = og.Config(str(path))
+        if threads:  # else onnxruntime's default: one thread per core
+            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         spec = json.loads((Path(path) / "genai_config.json").read_text(encoding="utf-8"))["model"]
         eos = spec["eos_token_id"]
@@ -194,10 +198,12 @@ class TorchModel:
 
     kind = "pytorch"
 
-    def __init__(self, path: Path, trust_remote_code: bool = False):
+    def __init__(self, path: Path, trust_remote_code: bool = False, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if threads:  # process-wide in PyTorch; else its default, one thread per core
+            torch.set_num_threads(threads)
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
@@ -372,15 +378,19 @@ def load(
     trust_remote_code: bool = False,
     decoding: str = DEFAULT_DECODING,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
 ) -> Classifier:
-    """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder."""
+    """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder.
+
+    `threads`: compute threads (None: the runtime's default, one per core).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model folder; run `make finetune` first")
     data = data or load_prompt_config(path)
     model: GenaiModel | TorchModel
     if (path / "genai_config.json").exists():
-        model = GenaiModel(path)
+        model = GenaiModel(path, threads=threads)
     else:
-        model = TorchModel(path, trust_remote_code=trust_remote_code)
+        model = TorchModel(path, trust_remote_code=trust_remote_code, threads=threads)
     return Classifier(model, data, max_new_tokens, decoding, batch_size)
