@@ -94,3 +94,17 @@ def test_cli_classify_file_in_batches_prints_the_same_labels(tiny_model_dirs, tm
         printed[size] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in printed["4"]] == PHRASES
     assert printed["4"] == printed["1"]
+
+
+def test_a_prompt_holding_the_pad_token_batches_like_one_at_a_time(backend, data_cfg: DataConfig):
+    """ChatML models (SmolLM2) end the user turn with <|im_end|>, their end-of-sequence and pad token: a
+    prompt may hold the pad id. Here the tiny model's <|endoftext|> (its pad id) plays that part."""
+    from slmkit.tiny import EOS
+
+    data = dataclasses.replace(data_cfg, template=f"<|user|>\n{{text}}{EOS}\n<|assistant|>\n{{label}}{EOS}")
+    prompt = backend.encode(build_prompt(data, PHRASES[0]))
+    assert backend.pad_id in prompt[:-1]
+    for decoding in ("constrained", "stop"):
+        clf = Classifier(backend, data, max_new_tokens=4, decoding=decoding)
+        one = clf.classify(PHRASES, batch_size=1)
+        assert [p.output for p in clf.classify(PHRASES, batch_size=len(PHRASES))] == [p.output for p in one]
