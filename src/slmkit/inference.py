@@ -341,8 +341,10 @@ class Classifier:
 
         One forward pass decides every prompt whose best candidate first token is unique among the labels
         (the usual case); a prompt whose choice needs a further token (labels sharing a first token) is
-        decoded alone, the same as one at a time. The score is a softmax over the labels' first-token
-        logits: cheap, and 1.0 for nobody when two labels share a first token (then None).
+        decoded alone, the same as one at a time. A padded row's logits equal its logits alone up to float
+        rounding (tests/test_batch.py), so only an exact tie between two labels could differ. The score is a
+        softmax over the labels' first-token logits, from the same forward pass; None when two labels share
+        a first token (the first token cannot tell them apart).
         """
         import numpy as np
 
