@@ -192,12 +192,14 @@ def serving(args) -> dict:
     models = {"int4_onnx": stage_dir("quantize") / "model", "merged_pytorch": stage_dir("merge") / "model"}
     out["batch_vs_loop"] = {}
     for name, path in models.items():
-        for threads in (1, None):  # one thread, then the runtime's default (one per core)
-            result = bench.batch_vs_loop(path, texts[: args.batch_phrases], cfg.evaluate.batch_size, threads)
+        # The runtime's default threads (one per core) first: PyTorch's setting is process-wide, one-way.
+        for threads, decoding in ((None, "constrained"), (1, "constrained"), (1, "stop")):
+            result = bench.batch_vs_loop(path, texts[: args.batch_phrases], cfg.evaluate.batch_size, threads, decoding)
             out["batch_vs_loop"].setdefault(name, []).append(result)
             log.info("%s batched vs one at a time: %s", name, result)
     port = bench.free_port()
     server = bench.start_server(models["int4_onnx"], port, ["--queue-size", str(max(args.concurrency) * 2)])
+    # (--queue-size: room for every client, so the figures are of serving, not of refusing)
     url = f"http://127.0.0.1:{port}"
     try:
         bench.load_test(url, texts, 2, 20, 30)  # warm-up: every prompt length the test phrases have, roughly
@@ -231,7 +233,7 @@ def run() -> None:
     )
     parser.add_argument("--batch-phrases", type=int, default=96, help="--serve: test phrases classified both ways")
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=200, help="--serve: requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=500, help="--serve: requests per concurrency level")
     parser.add_argument("--max-seconds", type=float, default=60, help="--serve: time cap per concurrency level")
     parser.add_argument("--out", type=Path, default=BENCH_JSON)
     args = parser.parse_args()

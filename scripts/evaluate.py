@@ -41,7 +41,9 @@ def run() -> None:
     # The configured decoding first: its rows and metrics are the headline ones.
     decodings = [e.decoding] + ([d for d in DECODINGS if d != e.decoding] if e.compare_decodings else [])
     for name, path in paths.items():
-        clf = inference.load(path, cfg.data, e.max_new_tokens, trust_remote_code=remote, batch_size=e.batch_size)
+        clf = inference.load(
+            path, cfg.data, e.max_new_tokens, trust_remote_code=remote, batch_size=e.batch_size, threads=e.threads
+        )
         comparison[name] = {}
         for decoding in decodings:
             m, model_rows = score(f"{name}", clf, test, decoding, progress_every=e.batch_size)

@@ -236,14 +236,16 @@ def ratios(int4: dict, torch: dict, fp32_onnx: dict) -> dict:
     }
 
 
-def batch_vs_loop(path: Path, texts: list[str], batch_size: int, threads: int | None) -> dict:
-    """Constrained classification of `texts` one at a time vs in batches of `batch_size`, in one run.
+def batch_vs_loop(
+    path: Path, texts: list[str], batch_size: int, threads: int | None, decoding: str = "constrained"
+) -> dict:
+    """Classification of `texts` one at a time vs in batches of `batch_size`, in one run.
 
     Fails if a label differs: a batch must give what one at a time gives.
     """
     from slmkit.inference import load
 
-    clf = load(path, batch_size=batch_size, threads=threads)
+    clf = load(path, batch_size=batch_size, threads=threads, decoding=decoding)
     clf.classify(texts[:batch_size])  # warm-up of both paths (first calls allocate)
     clf.classify(texts[:2], batch_size=1)
     start = time.perf_counter()
@@ -257,8 +259,9 @@ def batch_vs_loop(path: Path, texts: list[str], batch_size: int, threads: int | 
         raise RuntimeError(f"{path}: batched labels differ from one at a time on {len(differ)} phrases: {differ[:3]}")
     return {
         "phrases": len(texts),
+        "decoding": decoding,
         "batch_size": batch_size,
-        "threads": threads or os.cpu_count(),
+        "threads": getattr(clf.model, "threads", None) or threads or os.cpu_count(),
         "loop_ms_per_phrase": round(1000 * loop_s / len(texts), 2),
         "batch_ms_per_phrase": round(1000 * batch_s / len(texts), 2),
         "speedup": round(loop_s / batch_s, 2),

@@ -204,6 +204,7 @@ class TorchModel:
 
         if threads:  # process-wide in PyTorch; else its default, one thread per core
             torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
@@ -314,15 +315,18 @@ class Classifier:
         """
         decoding = decoding or self.decoding
         size = batch_size or self.batch_size
-        preds = []
+        # Batches of similar lengths waste less on padding (each row's result does not depend on its
+        # neighbours); the predictions come back in the order of `texts`.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if size > 1 else list(range(len(texts)))
+        preds: list[Prediction | None] = [None] * len(texts)
         for start in range(0, len(texts), size):
-            chunk = texts[start : start + size]
+            chunk = [texts[i] for i in order[start : start + size]]
             outs = self._decode_one(chunk[0], decoding) if size == 1 else self._decode_batch(chunk, decoding)
-            for text, out in zip(chunk, outs, strict=True):
-                preds.append(Prediction(text=text, label=parse_output(self.data, out), output=out))
+            for i, text, out in zip(order[start : start + size], chunk, outs, strict=True):
+                preds[i] = Prediction(text=text, label=parse_output(self.data, out), output=out)
             if progress:
                 progress(len(chunk))
-        return preds
+        return preds  # type: ignore[return-value]
 
     def _decode_one(self, text: str, decoding: str) -> list[str]:
         prompt = build_prompt(self.data, text)
