@@ -142,3 +142,28 @@ def test_batch_vs_loop_reports_identical_labels(tiny_model_dirs):
 
     result = batch_vs_loop(tiny_model_dirs["onnx"], PHRASES, batch_size=4, threads=1)
     assert result["labels_identical"] and result["phrases"] == len(PHRASES) and result["threads"] == 1
+
+
+def test_slmkit_serve_command_starts_answers_and_stops(tiny_model_dirs):
+    """The command line (`slmkit serve`, what `make serve` runs) in its own process, as bench-serve uses it."""
+    from slmkit.bench import free_port, start_server
+
+    port = free_port()
+    proc = start_server(tiny_model_dirs["onnx"], port, ["--max-phrases", "2", "--threads", "1"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert call(url, "/health")[1]["limits"]["max_phrases"] == 2
+        status, body = post(url, {"phrases": PHRASES[:2]})
+        assert status == 200 and [r["text"] for r in body["results"]] == PHRASES[:2]
+        assert post(url, {"phrases": PHRASES[:3]})[0] == 413
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode is not None
+
+
+def test_slmkit_serve_without_a_model_folder_fails_naming_it(tmp_path):
+    from slmkit.bench import free_port, start_server
+
+    with pytest.raises(RuntimeError, match="no such model folder"):
+        start_server(tmp_path / "missing", free_port(), [], timeout_s=60)

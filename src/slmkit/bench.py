@@ -278,19 +278,24 @@ def free_port() -> int:
 
 def start_server(model: Path, port: int, extra: list[str], timeout_s: float = 180) -> subprocess.Popen:
     """`slmkit serve` on 127.0.0.1:`port` in its own process; returns once /health answers."""
+    import tempfile
     import urllib.request
 
     cmd = [sys.executable, "-m", "slmkit.cli", "serve", "--model", str(model), "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.2)
+    # The server's log to a file, not a pipe: an unread pipe that fills up would stall the server. The
+    # child keeps its own handle on the (unlinked) file after this one closes.
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                log_file.seek(0)
+                raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log_file.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    return proc
+            except OSError:
+                time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{' '.join(cmd)} did not answer /health within {timeout_s:.0f} s")
 
