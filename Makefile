@@ -9,6 +9,7 @@ ARGS ?=
 TEXT ?=
 FILE ?=
 MODEL ?= int4
+PORT ?= 8000
 ARTIFACT ?=
 PY := $(VENV)/bin/python
 # setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
@@ -19,8 +20,8 @@ STAGES := prepare base train merge quantize evaluate
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify chat \
-	report bench bench-overhead push pull lineage test test-fast lint clean \
+.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify serve chat \
+	report bench bench-serve bench-overhead push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -78,6 +79,9 @@ classify: env ## Label a phrase (TEXT="...") or a file (FILE=phrases.txt|.jsonl)
 	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make classify TEXT="a phrase"  or  make classify FILE=phrases.txt'; exit 2; }
 	$(PY) -m slmkit.cli classify --model $(MODEL) $(if $(FILE),--file "$(FILE)","$(TEXT)")
 
+serve: env ## The int4 model behind an HTTP JSON API on 127.0.0.1 (POST /classify, GET /health; PORT=8000, MODEL=...)
+	$(PY) -m slmkit.cli serve --model $(MODEL) --port $(PORT)
+
 chat: env ## Free generation with the fine-tuned model, line by line (MODEL=int4|merged|base|<folder>)
 	$(PY) -m slmkit.cli chat --model $(MODEL)
 
@@ -86,6 +90,9 @@ report: env ## Write reports/report.html for the last run: config, lineage, metr
 
 bench: env ## Latency/speed/memory/size: int4 ONNX vs fp32 ONNX vs PyTorch, tiny + medium model -> metrics/bench.json
 	$(PY) scripts/bench.py
+
+bench-serve: env ## Batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 16 clients on 127.0.0.1 -> metrics/bench.json
+	$(PY) scripts/bench.py --serve
 
 bench-overhead: env ## Kit pipeline time vs the same Olive configs by bare `olive run` -> metrics/bench.json
 	$(PY) scripts/bench.py --overhead

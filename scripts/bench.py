@@ -2,6 +2,7 @@
 
     python scripts/bench.py                 # tiny pipeline models + medium Phi-3-layout model -> metrics/bench.json
     python scripts/bench.py --overhead      # kit's train+merge+quantize vs the same Olive configs by `olive run`
+    python scripts/bench.py --serve         # batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 16 clients
 
 The tiny models are the pipeline's own (artifacts/merge/model, artifacts/quantize/model) plus an fp32
 ONNX build of the merged model. The medium model has the real Phi-3 layout (vocab 32064) at ~220 M
@@ -183,6 +184,37 @@ def overhead() -> dict:
     }
 
 
+def serving(args) -> dict:
+    """Batched vs one-at-a-time classification (both backends), then `slmkit serve` under load (int4)."""
+    cfg = load_params()
+    texts = [e.text for e in read_split(stage_dir("prepare") / "test.jsonl")]
+    out: dict = {"machine": machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    models = {"int4_onnx": stage_dir("quantize") / "model", "merged_pytorch": stage_dir("merge") / "model"}
+    out["batch_vs_loop"] = {}
+    for name, path in models.items():
+        # The runtime's default threads (one per core) first: PyTorch's setting is process-wide, one-way.
+        for threads, decoding in ((None, "constrained"), (1, "constrained"), (1, "stop")):
+            result = bench.batch_vs_loop(path, texts[: args.batch_phrases], cfg.evaluate.batch_size, threads, decoding)
+            out["batch_vs_loop"].setdefault(name, []).append(result)
+            log.info("%s batched vs one at a time: %s", name, result)
+    port = bench.free_port()
+    server = bench.start_server(models["int4_onnx"], port, ["--queue-size", str(max(args.concurrency) * 2)])
+    # (--queue-size: room for every client, so the figures are of serving, not of refusing)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        bench.load_test(url, texts, 2, 20, 30)  # warm-up: every prompt length the test phrases have, roughly
+        out["load"] = []
+        for concurrency in args.concurrency:
+            result = bench.load_test(url, texts, concurrency, args.requests, args.max_seconds)
+            out["load"].append(result)
+            log.info("serve, %d concurrent clients: %s", concurrency, result)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out["load_settings"] = {"model": "int4_onnx", "phrases_per_request": 1, "server": "slmkit serve (defaults)"}
+    return out
+
+
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phrases", type=int, default=32, help="test phrases, the same for every model")
@@ -196,11 +228,20 @@ def run() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="compute threads per model (default 1: see README)")
     parser.add_argument("--overhead", action="store_true", help="measure pipeline overhead instead")
+    parser.add_argument(
+        "--serve", action="store_true", help="batched vs one-at-a-time classify, and `slmkit serve` under load"
+    )
+    parser.add_argument("--batch-phrases", type=int, default=96, help="--serve: test phrases classified both ways")
+    parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=500, help="--serve: requests per concurrency level")
+    parser.add_argument("--max-seconds", type=float, default=60, help="--serve: time cap per concurrency level")
     parser.add_argument("--out", type=Path, default=BENCH_JSON)
     args = parser.parse_args()
     results = read_json(args.out) if args.out.exists() else {}
     if args.overhead:
         results["overhead"] = overhead()
+    elif args.serve:
+        results["serving"] = serving(args)
     else:
         results.update(latency(args))
     write_json(args.out, results)

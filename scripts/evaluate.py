@@ -4,8 +4,9 @@
                                   artifacts/evaluate/predictions.jsonl, metrics/eval.json and
                                   metrics/confusion/<model>.csv)
 
-Every model gets the same prompt (slmkit.prompt) and is scored with both decodings (stop-based and
-constrained to the label set); the headline figures use `evaluate.decoding`. A bag-of-words logistic
+Every model gets the same prompt (slmkit.prompt) and is scored with `evaluate.decoding`, in batches of
+`evaluate.batch_size`; with `evaluate.compare_decodings: true` also with the other decoding (stop-based vs
+constrained to the label set), into metrics/eval.json's `decoding_comparison`. A bag-of-words logistic
 regression on the same split is the bar the fine-tuned model should clear. The stage fails (after writing
 its metrics) when the quantized model's accuracy is more than `evaluate.parity_tolerance` below the merged
 model's.
@@ -37,10 +38,14 @@ def run() -> None:
     metrics: dict = {"decoding": e.decoding}
     comparison: dict = {}
     rows: list[dict] = [{"text": ex.text, "label": ex.label} for ex in test]
+    # The configured decoding first: its rows and metrics are the headline ones.
+    decodings = [e.decoding] + ([d for d in DECODINGS if d != e.decoding] if e.compare_decodings else [])
     for name, path in paths.items():
-        clf = inference.load(path, cfg.data, e.max_new_tokens, trust_remote_code=remote)
+        clf = inference.load(
+            path, cfg.data, e.max_new_tokens, trust_remote_code=remote, batch_size=e.batch_size, threads=e.threads
+        )
         comparison[name] = {}
-        for decoding in DECODINGS:
+        for decoding in decodings:
             m, model_rows = score(f"{name}", clf, test, decoding, progress_every=e.batch_size)
             comparison[name][decoding] = {k: m[k] for k in ("accuracy", "macro_f1", "invalid_rate")}
             comparison[name][decoding]["seconds_per_example"] = m["seconds_per_example"]
@@ -57,7 +62,8 @@ def run() -> None:
             100 * m["invalid_rate"],
         )
     metrics["bag_of_words"] = bag_of_words_baseline(train, test, cfg.seed, list(cfg.data.labels))
-    metrics["decoding_comparison"] = comparison
+    if e.compare_decodings:
+        metrics["decoding_comparison"] = comparison
     log.info("bag-of-words baseline accuracy %.4f", metrics["bag_of_words"]["accuracy"])
 
     with atomic_dir(stage_dir("evaluate")) as out:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from slmkit.config import Config, DataConfig, compose, to_dict, validate
+from slmkit.config import Config, DataConfig, TinyModelConfig, compose, to_dict, validate
 
 # A Phi-3-style chat template: the label is closed by <|end|>, so that is the stop marker.
 CHAT_TEMPLATE = "<|user|>\n{text}<|end|>\n<|assistant|>\n{label}<|end|>"
@@ -102,6 +102,52 @@ def tiny_tokenizer(_composed: Config):
     data = _composed.data
     texts = [build_training_text(data, s, label, EOS) for s in sentences for label in data.labels]
     return train_tokenizer(texts, vocab_size=400)
+
+
+# Phrases of very different lengths (padding in a batch matters) for the tiny model below.
+PHRASES = [
+    "Hi!",
+    "I can't stop smiling today.",
+    "The letter never came and the house feels empty, every room of it, every single evening since June.",
+    "Something moved in the dark hallway.",
+    "They threw me a party I knew nothing about!",
+    "Why?",
+    "We lost the dog on the motorway and nobody stopped to help us look for him.",
+    "A knock at three in the morning.",
+    "Wow",
+]
+
+TINY_SERVING = TinyModelConfig(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, warmup_steps=30
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer, _composed: Config) -> dict[str, Path]:
+    """One tiny model, briefly warmed up so its outputs vary: {"pytorch": HF folder, "onnx": int4 genai folder}.
+
+    The int4 folder comes from onnxruntime-genai's builder, the one Olive's ModelBuilder pass runs; both
+    folders carry the prompt file a shipped model folder has.
+    """
+    from onnxruntime_genai.models.builder import create_model
+
+    from slmkit.inference import save_prompt_config
+    from slmkit.prompt import build_prompt
+    from slmkit.tiny import build_model, seed_everything, warm_up
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    seed_everything(0)
+    model = build_model(TINY_SERVING, len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
+    texts = [build_prompt(_composed.data, p) + "Joy" for p in PHRASES]
+    warm_up(model, tiny_tokenizer, texts, TINY_SERVING, seed=0)
+    torch_dir = root / "pytorch"
+    model.save_pretrained(torch_dir)
+    tiny_tokenizer.save_pretrained(torch_dir)
+    onnx_dir = root / "onnx"
+    create_model("", str(torch_dir), str(onnx_dir), "int4", "cpu", str(root / "cache"))
+    for folder in (torch_dir, onnx_dir):
+        save_prompt_config(_composed.data, folder)
+    return {"pytorch": torch_dir, "onnx": onnx_dir}
 
 
 # The slow tier's session-wide workspace (one pipeline run shared by tests/test_pipeline.py and

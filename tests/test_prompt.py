@@ -183,17 +183,23 @@ class _EchoModel:
         self.calls.append((prompt, max_new_tokens, stop))
         return self.output
 
+    def generate_batch(self, prompts: list[str], max_new_tokens: int, stop: str | None = None) -> list[str]:
+        return [self.generate(prompt, max_new_tokens, stop) for prompt in prompts]
+
 
 def test_classifier_uses_the_training_prompt_and_stop_marker(any_data_cfg: DataConfig):
     label = any_data_cfg.labels[-1]
     model = _EchoModel(label.lower() + stop_marker(any_data_cfg) + "junk")
-    preds = Classifier(model, any_data_cfg, max_new_tokens=5, decoding="stop").classify(["one", "two"])
-    assert [p.label for p in preds] == [label, label]
-    assert [p.text for p in preds] == ["one", "two"]
-    assert model.calls == [
-        (build_prompt(any_data_cfg, "one"), 5, stop_marker(any_data_cfg)),
-        (build_prompt(any_data_cfg, "two"), 5, stop_marker(any_data_cfg)),
-    ]
+    clf = Classifier(model, any_data_cfg, max_new_tokens=5, decoding="stop")
+    for size in (1, 2):  # one at a time and batched ask the model the same
+        model.calls.clear()
+        preds = clf.classify(["one", "two"], batch_size=size)
+        assert [p.label for p in preds] == [label, label]
+        assert [p.text for p in preds] == ["one", "two"]
+        assert model.calls == [
+            (build_prompt(any_data_cfg, "one"), 5, stop_marker(any_data_cfg)),
+            (build_prompt(any_data_cfg, "two"), 5, stop_marker(any_data_cfg)),
+        ]
 
 
 def test_classifier_reports_invalid_output_as_none(data_cfg: DataConfig):

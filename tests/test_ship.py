@@ -53,11 +53,11 @@ def test_eval_has_three_models_in_depth_and_confusion_plots(workspace: Path):
         assert set(m["per_class"]) == set(labels)
         assert 0 <= m["macro_f1"] <= 1
         assert sum(map(sum, m["confusion"]["matrix"])) == m["n"]
-        assert set(metrics["decoding_comparison"][name]) == {"stop", "constrained"}
         rows = (workspace / f"metrics/confusion/{name}.csv").read_text().splitlines()
         assert rows[0] == "actual,predicted" and len(rows) == m["n"] + 1
-    # Constrained decoding always writes a label.
-    assert all(by["constrained"]["invalid_rate"] == 0 for by in metrics["decoding_comparison"].values())
+    # Constrained decoding (the default) always writes a label; the comparison is opt-in.
+    assert metrics["decoding"] == "constrained" and "decoding_comparison" not in metrics
+    assert all(metrics[name]["invalid_rate"] == 0 for name in ("base_pytorch", "merged_pytorch", "int4_onnx"))
     shown = run([str(Path(sys.executable).with_name("dvc")), "plots", "show", "--json"], workspace).stdout
     assert "metrics/confusion/int4_onnx.csv" in shown
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -232,6 +233,121 @@ def ratios(int4: dict, torch: dict, fp32_onnx: dict) -> dict:
         "int4_size_share_of_fp32_onnx": round(int4["size_mb"] / fp32_onnx["size_mb"], 3),
         "int4_size_share_of_torch": round(int4["size_mb"] / torch["size_mb"], 3),
         "int4_vs_torch_peak_rss": round(int4["peak_rss_mb"] / torch["peak_rss_mb"], 3),
+    }
+
+
+def batch_vs_loop(
+    path: Path, texts: list[str], batch_size: int, threads: int | None, decoding: str = "constrained"
+) -> dict:
+    """Classification of `texts` one at a time vs in batches of `batch_size`, in one run.
+
+    Fails if a label differs: a batch must give what one at a time gives.
+    """
+    from slmkit.inference import load
+
+    clf = load(path, batch_size=batch_size, threads=threads, decoding=decoding)
+    clf.classify(texts[:batch_size])  # warm-up of both paths (first calls allocate)
+    clf.classify(texts[:2], batch_size=1)
+    start = time.perf_counter()
+    one = clf.classify(texts, batch_size=1)
+    loop_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = clf.classify(texts)
+    batch_s = time.perf_counter() - start
+    differ = [p.text for p, q in zip(one, batched, strict=True) if p.label != q.label]
+    if differ:
+        raise RuntimeError(f"{path}: batched labels differ from one at a time on {len(differ)} phrases: {differ[:3]}")
+    return {
+        "phrases": len(texts),
+        "decoding": decoding,
+        "batch_size": batch_size,
+        "threads": getattr(clf.model, "threads", None) or threads or os.cpu_count(),
+        "loop_ms_per_phrase": round(1000 * loop_s / len(texts), 2),
+        "batch_ms_per_phrase": round(1000 * batch_s / len(texts), 2),
+        "speedup": round(loop_s / batch_s, 2),
+        "labels_identical": True,
+        "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: Path, port: int, extra: list[str], timeout_s: float = 180) -> subprocess.Popen:
+    """`slmkit serve` on 127.0.0.1:`port` in its own process; returns once /health answers."""
+    import tempfile
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "slmkit.cli", "serve", "--model", str(model), "--port", str(port), *extra]
+    # The server's log to a file, not a pipe: an unread pipe that fills up would stall the server. The
+    # child keeps its own handle on the (unlinked) file after this one closes.
+    with tempfile.TemporaryFile(mode="w+") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                log_file.seek(0)
+                raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log_file.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    return proc
+            except OSError:
+                time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{' '.join(cmd)} did not answer /health within {timeout_s:.0f} s")
+
+
+def load_test(url: str, phrases: list[str], concurrency: int, requests: int, max_seconds: float) -> dict:
+    """`concurrency` clients each sending one phrase per POST /classify, back to back, until `requests`
+    answers or `max_seconds`: requests/s and latency percentiles (errors counted, not timed)."""
+    import threading
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    sent = [0]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + max_seconds
+
+    def client() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                if sent[0] >= requests:
+                    return
+                i = sent[0]
+                sent[0] += 1
+            body = json.dumps({"phrases": [phrases[i % len(phrases)]]}).encode()
+            request = urllib.request.Request(url + "/classify", data=body, headers={"Content-Type": "application/json"})
+            t0 = time.perf_counter()
+            try:
+                with urllib.request.urlopen(request, timeout=max_seconds) as response:
+                    response.read()
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+            except (urllib.error.HTTPError, OSError) as err:
+                with lock:
+                    key = str(getattr(err, "code", type(err).__name__))
+                    errors[key] = errors.get(key, 0) + 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()  # a client's own bug surfaces here instead of a silent zero
+    elapsed = time.perf_counter() - start
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "latency_p50_ms": round(1000 * percentile(latencies, 0.5), 2) if latencies else None,
+        "latency_p95_ms": round(1000 * percentile(latencies, 0.95), 2) if latencies else None,
+        "load_average": round(os.getloadavg()[0], 2),
     }
 
 

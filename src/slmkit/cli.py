@@ -1,4 +1,4 @@
-"""`slmkit classify|chat|summary|lineage`: use the fine-tuned model from the command line."""
+"""`slmkit classify|chat|serve|summary|lineage`: use the fine-tuned model from the command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from slmkit.config import DECODINGS
-from slmkit.inference import DEFAULT_DECODING
+from slmkit.inference import DEFAULT_BATCH_SIZE, DEFAULT_DECODING
 from slmkit.stage import EVAL_JSON, stage_dir
 
 DEFAULT_MODEL = stage_dir("quantize") / "model"
@@ -63,7 +63,14 @@ def _load(args: argparse.Namespace):
     from slmkit.inference import load
 
     path, data = _resolve_model(args.model)
-    return load(path, data, max_new_tokens=args.max_new_tokens, decoding=getattr(args, "decoding", DEFAULT_DECODING))
+    return load(
+        path,
+        data,
+        max_new_tokens=args.max_new_tokens,
+        decoding=getattr(args, "decoding", DEFAULT_DECODING),
+        batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
+        threads=getattr(args, "threads", 1) or None,
+    )
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -82,13 +89,34 @@ def _classify(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"slmkit classify: error: {err}", file=sys.stderr)
         return 1
-    # The bar goes to stderr (results stay clean on stdout) and only for files and stdin, on a terminal.
-    for text in tqdm(texts, desc="classify", unit="phrase", disable=None if not args.text else True):
-        pred = clf.classify([text])[0]
-        if args.json:
-            print(json.dumps({"text": pred.text, "label": pred.label, "output": pred.output}, ensure_ascii=False))
-        else:
-            print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}", flush=True)
+    # Batches of --batch-size phrases, each printed as soon as it is done. The bar goes to stderr (results
+    # stay clean on stdout) and only for files and stdin, on a terminal.
+    with tqdm(total=len(texts), desc="classify", unit="phrase", disable=None if not args.text else True) as bar:
+        for start in range(0, len(texts), args.batch_size):
+            for pred in clf.classify(texts[start : start + args.batch_size], progress=bar.update):
+                if args.json:
+                    row = {"text": pred.text, "label": pred.label, "output": pred.output}
+                    print(json.dumps(row, ensure_ascii=False), flush=True)
+                else:
+                    print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}", flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from slmkit.serve import ServeSettings, serve
+
+    try:
+        clf = _load(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"slmkit serve: error: {err}", file=sys.stderr)
+        return 1
+    settings = ServeSettings(
+        max_phrases=args.max_phrases,
+        max_chars=args.max_chars,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+    )
+    serve(clf, settings, args.host, args.port, model_name=str(args.model))
     return 0
 
 
@@ -149,6 +177,12 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number >= 1")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slmkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING, help="default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, default=8, help="for --decoding stop")
     p.add_argument("--json", action="store_true", help="one JSON object per phrase")
+    p.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="phrases per forward pass (%(default)s)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="compute threads (0: one per core; default 1, see README Benchmark)"
+    )
     p.set_defaults(func=_classify)
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
     c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
@@ -169,6 +209,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--json", action="store_true", help="one JSON object per reply")
     c.set_defaults(func=_chat)
+    v = sub.add_parser("serve", help="the model behind an HTTP JSON API: POST /classify, GET /health")
+    v.add_argument("--model", default="int4", help=models)
+    v.add_argument("--host", default="127.0.0.1", help="%(default)s: this machine only; 0.0.0.0 to expose it")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="phrases per forward pass")
+    v.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    v.add_argument("--queue-size", type=_positive, default=32, help="waiting requests before 503 (%(default)s)")
+    v.add_argument("--max-phrases", type=_positive, default=64, help="phrases per request (%(default)s)")
+    v.add_argument("--max-chars", type=_positive, help="longest phrase (default: the model folder's data.max_chars)")
+    v.add_argument(
+        "--threads", type=int, default=1, help="compute threads (0: one per core; default 1, see README Benchmark)"
+    )
+    v.set_defaults(func=_serve, max_new_tokens=8)
     s = sub.add_parser("summary", help="where the model is and its test accuracy")
     s.set_defaults(func=_summary)
     lin = sub.add_parser("lineage", help="where an artifact came from: each stage's data, config, code, versions")

@@ -134,7 +134,12 @@ class BuilderConfig:
 class EvaluateConfig:
     max_new_tokens: int = 8
     batch_size: int = 16
-    decoding: str = "constrained"  # stop | constrained (slmkit.inference.DECODINGS); both are measured
+    decoding: str = "constrained"  # stop | constrained (slmkit.inference.DECODINGS)
+    # Also score every model with the other decoding (metrics/eval.json's decoding_comparison): twice the time.
+    compare_decodings: bool = False
+    # Compute threads per model (null: the runtime's default, one per core). 1: on 2 shared cores PyTorch
+    # ran 28x slower one phrase at a time with two threads than with one (README, "Benchmark").
+    threads: int | None = 1
     # The stage fails when the quantized model's accuracy is more than this below the merged model's.
     parity_tolerance: float = 0.02
 
@@ -273,6 +278,7 @@ def check_values(cfg: Config) -> None:
     e = cfg.evaluate
     _check(e.max_new_tokens > 0, "evaluate.max_new_tokens", "must be > 0")
     _check(e.batch_size > 0, "evaluate.batch_size", "must be > 0")
+    _check(e.threads is None or e.threads > 0, "evaluate.threads", "must be > 0, or null for one per core")
     _check_choice(e.decoding, "evaluate.decoding", DECODINGS)
     _check(0 <= e.parity_tolerance < 1, "evaluate.parity_tolerance", f"must be in [0, 1), got {e.parity_tolerance}")
 

@@ -15,6 +15,8 @@ PROMPT_FILE = "slmkit_prompt.json"
 # (may be invalid); constrained = greedy decoding restricted to the label set's token sequences.
 # Measured on the tiny model (README, "Evaluation"): constrained decoding is never worse and never invalid.
 DEFAULT_DECODING = "constrained"
+# Phrases per forward pass (evaluate.batch_size in the pipeline); 1 is the one-at-a-time path.
+DEFAULT_BATCH_SIZE = 16
 
 
 @dataclass
@@ -25,7 +27,8 @@ class Prediction:
 
 
 def save_prompt_config(data: DataConfig, model_dir: Path) -> None:
-    spec = {"template": data.template, "labels": list(data.labels)}
+    # max_chars: the longest phrase the model was trained for; `slmkit serve` refuses longer ones.
+    spec = {"template": data.template, "labels": list(data.labels), "max_chars": data.max_chars}
     (model_dir / PROMPT_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
 
@@ -34,7 +37,10 @@ def load_prompt_config(model_dir: Path) -> DataConfig:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {model_dir} is not a model folder written by slmkit")
     spec = json.loads(path.read_text(encoding="utf-8"))
-    return DataConfig(path="", labels=spec["labels"], template=spec["template"])
+    data = DataConfig(path="", labels=spec["labels"], template=spec["template"])
+    if "max_chars" in spec:  # folders written before it was recorded keep the default
+        data.max_chars = int(spec["max_chars"])
+    return data
 
 
 def pick_label(candidates: list[list[int]], end_id: int, logits, advance) -> int:
@@ -81,19 +87,34 @@ def label_token_ids(encode, data: DataConfig, prompt: str, eos_id: int) -> tuple
     return candidates, end_id
 
 
+class _NeedsMore(Exception):
+    """The batch's first-token logits did not settle the label: decode this prompt on its own."""
+
+
+def _needs_more(token: int):
+    raise _NeedsMore
+
+
 class GenaiModel:
     """An onnxruntime-genai model folder (genai_config.json), decoded greedily."""
 
     kind = "onnx"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime_genai as og
 
         self._og = og
-        self.model = og.Model(str(path))
+        config = og.Config(str(path))
+        if threads:  # else onnxruntime's default: one thread per core
+            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
-        eos = json.loads((Path(path) / "genai_config.json").read_text(encoding="utf-8"))["model"]["eos_token_id"]
+        spec = json.loads((Path(path) / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        eos = spec["eos_token_id"]
+        self.eos_ids = {int(i) for i in eos} if isinstance(eos, list) else {int(eos)}
         self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
+        self.pad_id = int(spec.get("pad_token_id", self.eos_id))
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -113,6 +134,48 @@ class GenaiModel:
             return gen.get_logits()[0, -1]
 
         return data.labels[pick_label(candidates, end_id, gen.get_logits()[0, -1], advance)]
+
+    def _batch_generator(self, rows: list[list[int]], new_tokens: int):
+        """A generator fed a right-padded batch of prompts (genai masks genai_config's pad_token_id).
+
+        Right, not left: the int4 CPU model's attention (GroupQueryAttention) takes each row's length from
+        the mask and places its rotary positions from the start, so with 0.14.1 a left-padded row's logits
+        moved by ~0.2 while right-padded rows matched one at a time exactly (tests/test_batch.py checks).
+        get_logits() then gives each row's logits after its own last token.
+        """
+        import numpy as np
+
+        og = self._og
+        width = max(map(len, rows))
+        batch = np.full((len(rows), width), self.pad_id, dtype=np.int32)
+        for i, row in enumerate(rows):
+            batch[i, : len(row)] = row
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=width + new_tokens, do_sample=False, batch_size=len(rows))
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(batch)
+        return gen
+
+    def first_logits(self, prompts: list[list[int]]):
+        """Next-token logits after each prompt, one forward pass for the whole batch (rows x vocab)."""
+        return self._batch_generator(prompts, 1).get_logits()[:, -1]
+
+    def generate_batch(self, prompts: list[str], max_new_tokens: int, stop: str | None = None) -> list[str]:
+        """`generate` for many prompts at once: runs until every row has ended or written `stop`."""
+        rows = [self.encode(p) for p in prompts]
+        gen = self._batch_generator(rows, max_new_tokens)
+        outs: list[list[int]] = [[] for _ in rows]
+        open_rows = set(range(len(rows)))
+        while open_rows and not gen.is_done():
+            gen.generate_next_token()
+            tokens = gen.get_next_tokens()
+            for i in sorted(open_rows):
+                outs[i].append(int(tokens[i]))
+                # Same ends as one at a time: the row's end-of-sequence token, or the stop marker in its text.
+                ended = int(tokens[i]) in self.eos_ids or len(outs[i]) >= max_new_tokens
+                if ended or (stop and stop in self.tokenizer.decode(outs[i])):
+                    open_rows.discard(i)
+        return [self.tokenizer.decode(out) for out in outs]
 
     def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
         og = self._og
@@ -135,13 +198,19 @@ class TorchModel:
 
     kind = "pytorch"
 
-    def __init__(self, path: Path, trust_remote_code: bool = False):
+    def __init__(self, path: Path, trust_remote_code: bool = False, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if threads:  # process-wide in PyTorch; else its default, one thread per core
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+        self.eos_id = self.tokenizer.eos_token_id
+        # Padding is masked out, so any id does; a tokenizer without a pad token pads with end-of-sequence.
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -149,7 +218,7 @@ class TorchModel:
     def constrained(self, prompt: str, data: DataConfig) -> str:
         """The label that greedy decoding restricted to the label set writes after `prompt`."""
         torch = self._torch
-        candidates, end_id = label_token_ids(self.encode, data, prompt, self.tokenizer.eos_token_id)
+        candidates, end_id = label_token_ids(self.encode, data, prompt, self.eos_id)
         ids = self.encode(prompt)
 
         def forward(tokens: list[int]):
@@ -161,6 +230,44 @@ class TorchModel:
             return forward(ids)
 
         return data.labels[pick_label(candidates, end_id, forward(ids), advance)]
+
+    def _left_padded(self, rows: list[list[int]]):
+        """Input ids, attention mask and position ids of a left-padded batch.
+
+        Left padding keeps every row's last token in the last column; the position ids restart at 0 on each
+        row's first real token, so a padded row sees the positions it would see alone.
+        """
+        torch = self._torch
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids, mask, positions
+
+    def first_logits(self, prompts: list[list[int]]):
+        """Next-token logits after each prompt, one forward pass for the whole batch (rows x vocab)."""
+        ids, mask, positions = self._left_padded(prompts)
+        with self._torch.no_grad():
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+    def generate_batch(self, prompts: list[str], max_new_tokens: int, stop: str | None = None) -> list[str]:
+        """`generate` for many prompts at once (left-padded); each row stops at end-of-sequence or `stop`."""
+        rows = [self.encode(p) for p in prompts]
+        ids, mask, _ = self._left_padded(rows)
+        with self._torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                stop_strings=[stop] if stop else None,
+                tokenizer=self.tokenizer,
+            )
+        return [self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
 
     def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
         # add_special_tokens=False: the same token ids as onnxruntime-genai's tokenizer (no BOS).
@@ -186,6 +293,7 @@ class Classifier:
         data: DataConfig,
         max_new_tokens: int = 8,
         decoding: str = DEFAULT_DECODING,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ):
         if decoding not in DECODINGS:
             raise ValueError(f"decoding {decoding!r}: use one of {', '.join(DECODINGS)}")
@@ -193,20 +301,74 @@ class Classifier:
         self.data = data
         self.max_new_tokens = max_new_tokens
         self.decoding = decoding
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: must be >= 1")
+        self.batch_size = batch_size
 
-    def classify(self, texts: list[str], decoding: str | None = None) -> list[Prediction]:
-        """One prediction per text; `decoding` overrides the classifier's (stop | constrained)."""
+    def classify(
+        self, texts: list[str], decoding: str | None = None, batch_size: int | None = None, progress=None
+    ) -> list[Prediction]:
+        """One prediction per text; `decoding` overrides the classifier's (stop | constrained).
+
+        Texts go through the model `batch_size` at a time (the classifier's by default; 1 = one at a time,
+        the reference path the batched one must match). `progress(n)` is called after each batch of n.
+        """
         decoding = decoding or self.decoding
-        stop = stop_marker(self.data)
-        preds = []
-        for text in texts:
-            prompt = build_prompt(self.data, text)
-            if decoding == "constrained":
-                out = self.model.constrained(prompt, self.data)
+        size = batch_size or self.batch_size
+        # Batches of similar lengths waste less on padding (each row's result does not depend on its
+        # neighbours); the predictions come back in the order of `texts`.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if size > 1 else list(range(len(texts)))
+        preds: list[Prediction | None] = [None] * len(texts)
+        for start in range(0, len(texts), size):
+            chunk = [texts[i] for i in order[start : start + size]]
+            outs = self._decode_one(chunk[0], decoding) if size == 1 else self._decode_batch(chunk, decoding)
+            for i, text, out in zip(order[start : start + size], chunk, outs, strict=True):
+                preds[i] = Prediction(text=text, label=parse_output(self.data, out), output=out)
+            if progress:
+                progress(len(chunk))
+        return preds  # type: ignore[return-value]
+
+    def _decode_one(self, text: str, decoding: str) -> list[str]:
+        prompt = build_prompt(self.data, text)
+        if decoding == "constrained":
+            return [self.model.constrained(prompt, self.data)]
+        return [self.model.generate(prompt, self.max_new_tokens, stop=stop_marker(self.data))]
+
+    def _decode_batch(self, texts: list[str], decoding: str) -> list[str]:
+        prompts = [build_prompt(self.data, t) for t in texts]
+        if decoding == "stop":
+            return self.model.generate_batch(prompts, self.max_new_tokens, stop=stop_marker(self.data))
+        return [self.data.labels[i] for i in self.constrained_batch(prompts)[0]]
+
+    def constrained_batch(self, prompts: list[str]) -> tuple[list[int], list[list[float] | None]]:
+        """Constrained decoding for a batch: (label index per prompt, label scores per prompt or None).
+
+        One forward pass decides every prompt whose best candidate first token is unique among the labels
+        (the usual case); a prompt whose choice needs a further token (labels sharing a first token) is
+        decoded alone, the same as one at a time. A padded row's logits equal its logits alone up to float
+        rounding (tests/test_batch.py), so only an exact tie between two labels could differ. The score is a
+        softmax over the labels' first-token logits, from the same forward pass; None when two labels share
+        a first token (the first token cannot tell them apart).
+        """
+        import numpy as np
+
+        encoded = [self.model.encode(p) for p in prompts]
+        logits = self.model.first_logits(encoded)
+        picks, scores = [], []
+        for prompt, row in zip(prompts, logits, strict=True):
+            row = np.asarray(row.float() if hasattr(row, "float") else row, dtype=np.float64)
+            candidates, end_id = label_token_ids(self.model.encode, self.data, prompt, self.model.eos_id)
+            try:
+                picks.append(pick_label(candidates, end_id, row, _needs_more))
+            except _NeedsMore:
+                picks.append(self.data.labels.index(self.model.constrained(prompt, self.data)))
+            firsts = [c[0] if c else end_id for c in candidates]
+            if len(set(firsts)) == len(firsts):
+                z = row[firsts] - row[firsts].max()
+                scores.append([round(float(x), 4) for x in np.exp(z) / np.exp(z).sum()])
             else:
-                out = self.model.generate(prompt, self.max_new_tokens, stop=stop)
-            preds.append(Prediction(text=text, label=parse_output(self.data, out), output=out))
-        return preds
+                scores.append(None)
+        return picks, scores
 
     def chat(self, message: str, max_new_tokens: int = 64, template: bool = True) -> str:
         """Free generation, greedy: `message` inside the training prompt (up to its stop marker), or as is."""
@@ -221,15 +383,20 @@ def load(
     max_new_tokens: int = 8,
     trust_remote_code: bool = False,
     decoding: str = DEFAULT_DECODING,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
 ) -> Classifier:
-    """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder."""
+    """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder.
+
+    `threads`: compute threads (None: the runtime's default, one per core).
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model folder; run `make finetune` first")
     data = data or load_prompt_config(path)
     model: GenaiModel | TorchModel
     if (path / "genai_config.json").exists():
-        model = GenaiModel(path)
+        model = GenaiModel(path, threads=threads)
     else:
-        model = TorchModel(path, trust_remote_code=trust_remote_code)
-    return Classifier(model, data, max_new_tokens, decoding)
+        model = TorchModel(path, trust_remote_code=trust_remote_code, threads=threads)
+    return Classifier(model, data, max_new_tokens, decoding, batch_size)

@@ -1,0 +1,110 @@
+"""Batched inference gives the labels (and outputs) of the one-at-a-time path, in both backends.
+
+The tiny model (conftest.tiny_model_dirs) is a real PyTorch folder and a real int4 onnxruntime-genai folder;
+phrases of very different lengths make the padding matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PHRASES
+
+from slmkit.config import DataConfig
+from slmkit.inference import Classifier, GenaiModel, TorchModel
+from slmkit.prompt import build_prompt
+
+
+@pytest.fixture(scope="module", params=["pytorch", "onnx"])
+def backend(request, tiny_model_dirs):
+    path = tiny_model_dirs[request.param]
+    return GenaiModel(path) if request.param == "onnx" else TorchModel(path)
+
+
+def test_padded_batch_logits_match_each_prompt_alone(backend, any_data_cfg: DataConfig):
+    prompts = [backend.encode(build_prompt(any_data_cfg, p)) for p in PHRASES]
+    assert len({len(p) for p in prompts}) > 3, "the phrases must give prompts of different lengths"
+    batch = np.asarray(backend.first_logits(prompts), dtype=np.float64)
+    for i, ids in enumerate(prompts):
+        alone = np.asarray(backend.first_logits([ids]), dtype=np.float64)[0]
+        np.testing.assert_allclose(batch[i], alone, rtol=1e-3, atol=1e-3)
+        assert batch[i].argmax() == alone.argmax()
+
+
+@pytest.mark.parametrize("decoding", ["constrained", "stop"])
+def test_batched_classify_equals_one_at_a_time(backend, any_data_cfg: DataConfig, decoding: str):
+    clf = Classifier(backend, any_data_cfg, max_new_tokens=6, decoding=decoding)
+    one = clf.classify(PHRASES, batch_size=1)
+    for size in (4, len(PHRASES)):
+        seen: list[int] = []
+        batched = clf.classify(PHRASES, batch_size=size, progress=seen.append)
+        assert [p.label for p in batched] == [p.label for p in one]
+        assert [p.output for p in batched] == [p.output for p in one]
+        assert sum(seen) == len(PHRASES) and max(seen) == size
+    if decoding == "constrained":
+        assert all(p.label in any_data_cfg.labels for p in one)
+
+
+def test_labels_sharing_a_first_token_fall_back_to_one_at_a_time(backend, data_cfg: DataConfig):
+    """Labels that begin alike need a second token: the batch defers those prompts to the single path."""
+    data = dataclasses.replace(data_cfg, labels=["Sad", "Sadness", "Joy", "Joyful"])
+    clf = Classifier(backend, data)
+    one = clf.classify(PHRASES, batch_size=1)
+    assert [p.label for p in clf.classify(PHRASES, batch_size=len(PHRASES))] == [p.label for p in one]
+    picks, scores = clf.constrained_batch([build_prompt(data, p) for p in PHRASES])
+    assert [data.labels[i] for i in picks] == [p.label for p in one]
+
+
+def test_label_scores_are_a_distribution_led_by_the_label(backend, data_cfg: DataConfig):
+    clf = Classifier(backend, data_cfg)
+    picks, scores = clf.constrained_batch([build_prompt(data_cfg, p) for p in PHRASES])
+    for pick, row in zip(picks, scores, strict=True):
+        assert row is not None and len(row) == len(data_cfg.labels)
+        assert abs(sum(row) - 1) < 1e-3
+        assert row[pick] == max(row)
+
+
+def test_batch_size_below_one_is_refused(backend, data_cfg: DataConfig):
+    with pytest.raises(ValueError, match="batch_size"):
+        Classifier(backend, data_cfg, batch_size=0)
+
+
+def test_cli_classify_file_in_batches_prints_the_same_labels(tiny_model_dirs, tmp_path: Path, capsys):
+    from slmkit.cli import main
+
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("\n".join(PHRASES) + "\n", encoding="utf-8")
+    printed = {}
+    for size in ("1", "4"):
+        args = [
+            "classify",
+            "--file",
+            str(phrases),
+            "--json",
+            "--model",
+            str(tiny_model_dirs["onnx"]),
+            "--batch-size",
+            size,
+        ]
+        assert main(args) == 0
+        printed[size] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in printed["4"]] == PHRASES
+    assert printed["4"] == printed["1"]
+
+
+def test_a_prompt_holding_the_pad_token_batches_like_one_at_a_time(backend, data_cfg: DataConfig):
+    """ChatML models (SmolLM2) end the user turn with <|im_end|>, their end-of-sequence and pad token: a
+    prompt may hold the pad id. Here the tiny model's <|endoftext|> (its pad id) plays that part."""
+    from slmkit.tiny import EOS
+
+    data = dataclasses.replace(data_cfg, template=f"<|user|>\n{{text}}{EOS}\n<|assistant|>\n{{label}}{EOS}")
+    prompt = backend.encode(build_prompt(data, PHRASES[0]))
+    assert backend.pad_id in prompt[:-1]
+    for decoding in ("constrained", "stop"):
+        clf = Classifier(backend, data, max_new_tokens=4, decoding=decoding)
+        one = clf.classify(PHRASES, batch_size=1)
+        assert [p.output for p in clf.classify(PHRASES, batch_size=len(PHRASES))] == [p.output for p in one]

@@ -1,0 +1,169 @@
+"""`slmkit serve`: the int4 tiny model behind the HTTP API on 127.0.0.1, driven by a real HTTP client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import PHRASES
+
+from slmkit.inference import load
+from slmkit.serve import Server, ServeSettings, create_app
+
+
+def call(url: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
+    """(status, JSON body) of one request; a POST when there is a body."""
+    request = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def post(url: str, payload) -> tuple[int, dict]:
+    return call(url, "/classify", json.dumps(payload).encode())
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_model_dirs):
+    return load(tiny_model_dirs["onnx"], batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def server(clf):
+    with Server(create_app(clf, ServeSettings(max_phrases=8, max_chars=120), "tiny")) as running:
+        yield running
+
+
+def test_health_names_the_labels_and_limits(server, clf):
+    status, body = call(server.url, "/health")
+    assert status == 200 and body["status"] == "ok"
+    assert body["labels"] == list(clf.data.labels) and body["backend"] == "onnx"
+    assert body["limits"]["max_phrases"] == 8 and body["limits"]["max_chars"] == 120
+
+
+def test_classify_returns_the_classifiers_labels_with_scores(server, clf):
+    phrases = PHRASES[:8]
+    status, body = post(server.url, {"phrases": phrases})
+    assert status == 200, body
+    expected = [p.label for p in clf.classify(phrases, decoding="constrained", batch_size=1)]
+    assert [r["text"] for r in body["results"]] == phrases
+    assert [r["label"] for r in body["results"]] == expected
+    for result in body["results"]:
+        assert set(result["scores"]) == set(clf.data.labels)
+        assert abs(sum(result["scores"].values()) - 1) < 1e-3
+        assert max(result["scores"], key=result["scores"].get) == result["label"]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, clf):
+    expected = {p.text: p.label for p in clf.classify(PHRASES, batch_size=1)}
+    before = call(server.url, "/health")[1]["batches"]
+    with ThreadPoolExecutor(len(PHRASES)) as pool:
+        answers = list(pool.map(lambda p: post(server.url, {"phrases": [p]}), PHRASES))
+    for phrase, (status, body) in zip(PHRASES, answers, strict=True):
+        assert status == 200
+        assert body["results"] == [{**body["results"][0], "text": phrase, "label": expected[phrase]}]
+    # Fewer model batches than requests: some requests shared a batch.
+    assert call(server.url, "/health")[1]["batches"] - before < len(PHRASES)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"not json", 400, "not JSON"),
+        (b'["a list"]', 422, '"phrases" list'),
+        (b'{"text": "hi"}', 422, '"phrases" list'),
+        (b'{"phrases": "one string"}', 422, "must be a list"),
+        (b'{"phrases": []}', 422, "is empty"),
+        (b'{"phrases": ["ok", 3]}', 422, "phrases[1] must be a non-empty string"),
+        (b'{"phrases": ["ok", "  "]}', 422, "phrases[1] must be a non-empty string"),
+        (json.dumps({"phrases": ["x" * 121]}).encode(), 422, "121 characters; the limit is 120"),
+        (json.dumps({"phrases": ["x"] * 9}).encode(), 413, "9 phrases in one request; the limit is 8"),
+        (b'{"phrases": ["ok"], "top_k": 2}', 422, "unknown key"),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_says_what_is_wrong(server, body: bytes, status: int, says: str):
+    got, answer = call(server.url, "/classify", body)
+    assert got == status
+    assert says in answer["error"]
+
+
+def test_a_full_queue_answers_503_and_the_waiting_requests_still_finish(clf):
+    """Hold the model so one request is in flight and one waits; the next finds the queue full."""
+    app = create_app(clf, ServeSettings(queue_size=1, max_wait_ms=0))
+    batcher = app.state.batcher
+    with Server(app) as running:
+        replies: list = []
+        with batcher.model_lock:
+            first = threading.Thread(target=lambda: replies.append(post(running.url, {"phrases": ["one"]})))
+            first.start()
+            _wait_for(lambda: batcher.in_flight == 1)
+            second = threading.Thread(target=lambda: replies.append(post(running.url, {"phrases": ["two"]})))
+            second.start()
+            _wait_for(lambda: batcher.queue.qsize() == 1)
+            status, body = post(running.url, {"phrases": ["three"]})
+            assert status == 503 and "busy" in body["error"]
+        first.join(60)
+        second.join(60)
+    assert sorted(r[1]["results"][0]["text"] for r in replies) == ["one", "two"]
+    assert all(r[0] == 200 for r in replies)
+
+
+def _wait_for(condition, seconds: float = 30) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "the server did not reach the expected state"
+        time.sleep(0.01)
+
+
+def test_load_test_counts_every_answer_and_stops_at_the_request_budget(server):
+    from slmkit.bench import load_test
+
+    result = load_test(server.url, PHRASES, concurrency=3, requests=7, max_seconds=60)
+    assert result["requests"] == 7 and result["errors"] == {}
+    assert result["latency_p50_ms"] <= result["latency_p95_ms"]
+
+
+def test_load_test_counts_refusals_as_errors(server):
+    from slmkit.bench import load_test
+
+    result = load_test(server.url, ["x" * 500], concurrency=2, requests=4, max_seconds=60)
+    assert result["requests"] == 0 and result["errors"] == {"422": 4}
+
+
+def test_batch_vs_loop_reports_identical_labels(tiny_model_dirs):
+    from slmkit.bench import batch_vs_loop
+
+    result = batch_vs_loop(tiny_model_dirs["onnx"], PHRASES, batch_size=4, threads=1)
+    assert result["labels_identical"] and result["phrases"] == len(PHRASES) and result["threads"] == 1
+
+
+def test_slmkit_serve_command_starts_answers_and_stops(tiny_model_dirs):
+    """The command line (`slmkit serve`, what `make serve` runs) in its own process, as bench-serve uses it."""
+    from slmkit.bench import free_port, start_server
+
+    port = free_port()
+    proc = start_server(tiny_model_dirs["onnx"], port, ["--max-phrases", "2", "--threads", "1"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert call(url, "/health")[1]["limits"]["max_phrases"] == 2
+        status, body = post(url, {"phrases": PHRASES[:2]})
+        assert status == 200 and [r["text"] for r in body["results"]] == PHRASES[:2]
+        assert post(url, {"phrases": PHRASES[:3]})[0] == 413
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode is not None
+
+
+def test_slmkit_serve_without_a_model_folder_fails_naming_it(tmp_path):
+    from slmkit.bench import free_port, start_server
+
+    with pytest.raises(RuntimeError, match="no such model folder"):
+        start_server(tmp_path / "missing", free_port(), [], timeout_s=60)
