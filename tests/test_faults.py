@@ -289,10 +289,15 @@ def test_data_outside_the_workspace_is_read_and_only_artifacts_written(tmp_path:
 
 def test_every_tool_output_folder_is_under_artifacts(tmp_path: Path):
     cfg = compose()
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"target_modules": ["q_proj"]}')
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"num_hidden_layers": 2}')
     workflows = [
         olive_config.train_workflow(cfg, "base", Path("t.jsonl"), Path("v.jsonl"), ARTIFACTS / ".olive-train"),
         olive_config.merge_workflow(cfg, "base", "adapter", ARTIFACTS / ".olive-merge"),
-        olive_config.quantize_workflow(cfg, "merged", ARTIFACTS / ".olive-quantize"),
+        olive_config.quantize_workflow(compose(["builder.adapter=merged"]), "merged", ARTIFACTS / ".olive-quantize"),
+        olive_config.quantize_workflow(cfg, tmp_path / "base", ARTIFACTS / ".olive-quantize", tmp_path / "adapter"),
     ]
 
     def dirs(node):
@@ -311,14 +316,18 @@ def test_every_tool_output_folder_is_under_artifacts(tmp_path: Path):
         assert Path(value).parts[0] == str(ARTIFACTS) and ".." not in Path(value).parts, (key, value)
 
 
-def test_trust_remote_code_is_off_unless_the_model_config_turns_it_on():
+def test_trust_remote_code_is_off_unless_the_model_config_turns_it_on(tmp_path: Path):
     assert compose().model.trust_remote_code is False
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"target_modules": ["q_proj"]}')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text('{"num_hidden_layers": 1}')
     on = compose(["model.trust_remote_code=true"])
     for cfg, expected in ((compose(), False), (on, True)):
         for wf in (
             olive_config.train_workflow(cfg, "b", Path("t"), Path("v"), Path("w")),
             olive_config.merge_workflow(cfg, "b", "a", Path("w")),
-            olive_config.quantize_workflow(cfg, "m", Path("w")),
+            olive_config.quantize_workflow(cfg, tmp_path / "b", Path("w"), tmp_path / "a"),
         ):
             values = re.findall(r'"trust_remote_code": (true|false)', json.dumps(wf))
             assert values and set(values) == {str(expected).lower()}
@@ -342,7 +351,8 @@ def test_parameter_estimate_from_a_config_json_matches_phi3_mini(tmp_path: Path)
             }
         )
     )
-    n = resources.parameters(compose(["model.source=local", f"model.path={tmp_path}"]).model, tmp_path)
+    cfg = compose(["model.source=local", f"model.path={tmp_path}", "model.architecture=null"])
+    n = resources.parameters(cfg.model, tmp_path)
     assert abs(n - 3_821_079_552) / 3_821_079_552 < 0.001  # Phi-3-mini-4k's published parameter count
 
 
@@ -363,7 +373,7 @@ def test_merge_of_a_model_too_big_for_this_machine_is_refused_before_any_work(tm
     model.mkdir()
     sizes = {"hidden_size": 65536, "intermediate_size": 262144, "vocab_size": 256000, "num_hidden_layers": 256}
     (model / "config.json").write_text(json.dumps({"model_type": "phi3", **sizes, "num_attention_heads": 128}))
-    ws = _workspace(tmp_path / "ws", "model.source=local", f"model.path={model}")
+    ws = _workspace(tmp_path / "ws", "model.source=local", f"model.path={model}", "model.architecture=null")
     (ws / "artifacts" / "base").mkdir(parents=True)
     (ws / "artifacts" / "base" / "base.json").write_text(json.dumps({"model_path": str(model)}))
     result = subprocess.run(

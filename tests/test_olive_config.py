@@ -49,10 +49,15 @@ def paths(tmp_path: Path) -> dict[str, Path]:
 
 
 def _workflows(cfg: Config, paths: dict[str, Path]) -> dict[str, dict]:
+    if cfg.builder.adapter == "separate":
+        _adapter_and_base(paths, ["q_proj", "o_proj"], layers=2)
+        quantize = olive_config.quantize_workflow(cfg, paths["base"], paths["work"], paths["adapter"])
+    else:
+        quantize = olive_config.quantize_workflow(cfg, paths["merged"], paths["work"])
     return {
         "train": olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"]),
         "merge": olive_config.merge_workflow(cfg, paths["base"], paths["adapter"], paths["work"]),
-        "quantize": olive_config.quantize_workflow(cfg, paths["merged"], paths["work"]),
+        "quantize": quantize,
     }
 
 
@@ -154,11 +159,12 @@ def test_merge_workflow(cfg: Config, paths):
 @pytest.mark.parametrize("variant", BUILDER_VARIANTS)
 def test_quantize_workflow(variant: str, paths):
     cfg = compose(BUILDER_VARIANTS[variant])
-    workflow = olive_config.quantize_workflow(cfg, paths["merged"], paths["work"])
+    workflow = _workflows(cfg, paths)["quantize"]
     builder = _only_pass(workflow)
     assert builder["type"] == "ModelBuilder"
     assert builder["precision"] == cfg.builder.precision
-    assert workflow["input_model"]["model_path"] == str(paths["merged"])
+    source = paths["base"] if cfg.builder.adapter == "separate" else paths["merged"]
+    assert workflow["input_model"]["model_path"] == str(source)
     if cfg.builder.precision == "int4":
         assert builder["int4_block_size"] == cfg.builder.int4_block_size
         assert builder["int4_accuracy_level"] == cfg.builder.int4_accuracy_level
@@ -237,9 +243,8 @@ def test_olive_training_args_carry_warmup(olive_training_args, cfg: Config):
     assert olive_training_args.get_warmup_steps(cfg.train.max_steps) == expected
 
 
-def test_lora_targets_exist_in_the_tiny_model(cfg: Config):
-    if cfg.model.source != "tiny":
-        pytest.skip("the default model is not the tiny one")
+def test_lora_targets_exist_in_the_tiny_model():
+    cfg = compose(["experiment=tiny"])
     import torch
 
     from slmkit.tiny import build_model
@@ -340,7 +345,7 @@ def test_olive_loads_the_rendered_data_through_our_component(cfg: Config, tiny_t
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
 def test_each_adapter_method_is_its_olive_pass(method: str, paths, olive_passes):
     """lora.method maps one to one onto Olive's LoRA / QLoRA / DoRA pass, every key known to the pass."""
-    cfg = compose([f"lora={method}"])
+    cfg = compose([f"lora={method}", *(["builder.adapter=merged"] if method == "dora" else [])])
     workflow = olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"])
     olive_pass = _only_pass(workflow)
     assert olive_pass["type"] == olive_config.OLIVE_PASS[method]
@@ -352,15 +357,23 @@ def test_each_adapter_method_is_its_olive_pass(method: str, paths, olive_passes)
     assert checked.training_args.create_training_args().optim == cfg.train.optim
 
 
-def test_ejected_workflow_chains_the_stage_passes(cfg: Config, paths):
-    """`make olive-config`: one Olive config with exactly the train, merge and quantize stages' passes."""
+@pytest.mark.parametrize("adapter", ["separate", "merged"])
+def test_ejected_workflow_chains_the_stage_passes(adapter: str, paths):
+    """`make olive-config`: one Olive config with exactly the train, merge and quantize stages' passes
+    (separate: LoRA straight into ModelBuilder, which receives the adapter and keeps it apart)."""
+    cfg = compose([f"builder.adapter={adapter}"])
+    _adapter_and_base(paths, list(cfg.lora.target_modules), layers=cfg.model.architecture["num_hidden_layers"])
     args = (cfg, paths["base"], paths["train"], paths["val"], paths["work"])
     single = olive_config.single_workflow(*args)
-    assert list(single["passes"]) == ["lora", "merge", "builder"]
     assert single["passes"]["lora"] == olive_config.train_workflow(*args)["passes"]["lora"]
-    merge = olive_config.merge_workflow(cfg, paths["base"], paths["work"] / "adapter", paths["work"])
-    assert single["passes"]["merge"] == merge["passes"]["merge"]
-    build = olive_config.quantize_workflow(cfg, paths["base"], paths["work"])
+    if adapter == "separate":
+        assert list(single["passes"]) == ["lora", "builder"]
+        build = olive_config.quantize_workflow(cfg, paths["base"], paths["work"], paths["adapter"])
+    else:
+        assert list(single["passes"]) == ["lora", "merge", "builder"]
+        merge = olive_config.merge_workflow(cfg, paths["base"], paths["work"] / "adapter", paths["work"])
+        assert single["passes"]["merge"] == merge["passes"]["merge"]
+        build = olive_config.quantize_workflow(cfg, paths["base"], paths["work"])
     assert single["passes"]["builder"] == build["passes"]["builder"]
     assert single["data_configs"] == olive_config.train_workflow(*args)["data_configs"]
     assert single["systems"] == build["systems"]
@@ -396,9 +409,9 @@ def test_olive_telemetry_opt_out_is_complete(env: dict, expected: str):
 
 
 def _adapter_and_base(paths, targets: list[str], layers: int) -> None:
-    paths["adapter"].mkdir(parents=True)
+    paths["adapter"].mkdir(parents=True, exist_ok=True)
     (paths["adapter"] / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
-    paths["base"].mkdir(parents=True)
+    paths["base"].mkdir(parents=True, exist_ok=True)
     (paths["base"] / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
 
 

@@ -72,4 +72,4 @@ def test_random_source_needs_a_layout():
     from slmkit.config import ConfigError, compose
 
     with pytest.raises(ConfigError, match="model.architecture"):
-        compose(["model.source=random"])  # the tiny model config has no architecture block
+        compose(["experiment=tiny", "model.source=random"])  # the tiny model config has no architecture block

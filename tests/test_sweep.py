@@ -63,7 +63,7 @@ def test_committed_lock_matches_committed_params():
         (["train.learning_rate=0.0005"], {"train", "quantize"}),
         (["builder=fp32_cpu"], {"quantize", "evaluate"}),  # evaluate names the precision it scores
         (["data.val_fraction=0.15"], {"prepare"}),
-        (["model.tiny.warmup_steps=10"], {"base", "quantize"}),
+        (["model.path=other.gguf"], {"base", "quantize"}),
         (["evaluate.batch_size=4"], {"evaluate"}),
     ],
 )
@@ -137,7 +137,7 @@ def test_job_config_refuses_a_bad_value_naming_the_key():
     with pytest.raises(ConfigError, match="lora.r"):
         sweep.job_config(raw)
     raw = OmegaConf.create(to_dict(compose()))
-    raw.lora.target_modules = ["q_proj"]
+    raw.lora.target_modules = ["qkv_proj"]
     with pytest.raises(ConfigError, match="lora.target_modules"):
         sweep.job_config(raw)
 

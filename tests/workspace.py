@@ -33,7 +33,8 @@ def make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 # The plumbing tests run on the fast tiny model, not the shipped default (SmolLM2-135M, minutes per run):
-# the copy's conf/config.yaml picks its preset (conf/experiment/tiny.yaml), so `make finetune` with no ARGS means the tiny model there.
+# the copy's conf/config.yaml picks its preset (conf/experiment/tiny.yaml), so `make finetune` with no
+# ARGS means the tiny model there.
 TINY_DEFAULTS = {"- experiment: null": "- experiment: tiny"}
 
 
