@@ -189,7 +189,8 @@ def test_out_of_disk_during_prepare_leaves_the_previous_output(tmp_path: Path):
     assert "artifacts/prepare/ is unchanged" in result.stderr
     assert "Traceback" not in result.stderr
     assert _tree(ws / "artifacts" / "prepare") == before
-    assert sorted(p.name for p in (ws / "artifacts").iterdir()) == ["prepare"], "temp folder left behind"
+    # runs/: the first prepare's run record (time, commit), kept outside the output.
+    assert sorted(p.name for p in (ws / "artifacts").iterdir()) == ["prepare", "runs"], "temp folder left behind"
 
 
 def test_out_of_disk_on_a_first_run_leaves_no_output(tmp_path: Path):
@@ -221,7 +222,8 @@ def test_disk_full_during_prepare_on_a_real_small_filesystem(small_filesystem: P
     assert "slmkit prepare: error: out of disk space (No space left on device" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert _tree(ws / "artifacts" / "prepare") == before
-    assert sorted(p.name for p in (ws / "artifacts").iterdir()) == ["prepare"], "temp folder left behind"
+    # runs/: the first prepare's run record (time, commit), kept outside the output.
+    assert sorted(p.name for p in (ws / "artifacts").iterdir()) == ["prepare", "runs"], "temp folder left behind"
 
 
 # --- secrets: never in logs, messages or lineage ---------------------------------------------------

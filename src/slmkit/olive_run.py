@@ -11,8 +11,10 @@ from pathlib import Path
 
 from slmkit.stage import RedactFilter, StageError, raise_if_interrupted, redact_all_handlers, stage_dir
 
-# What each Olive-driven stage keeps of its Olive run, beside its output.
-RECORD_FILES = ("olive_config.json", "olive.log")
+# What each Olive-driven stage keeps of its Olive run: the config (stable) in its output, the log (times,
+# timings) in its run folder, outside the DVC-tracked output (slmkit.lineage).
+RECORD_FILES = ("olive_config.json",)
+RUN_FILES = ("olive.log",)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,12 @@ def scratch(stage: str) -> Path:
     return work
 
 
-def keep_record(work: Path, out: Path) -> None:
-    """Copy the Olive config and log that made an output into the output folder."""
+def keep_record(work: Path, out: Path, stage: str) -> None:
+    """Copy the Olive config that made an output into the output folder, and Olive's log to the run folder."""
+    from slmkit.lineage import run_dir
+
     for name in RECORD_FILES:
         shutil.copy2(work / name, out / name)
+    run_dir(stage).mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        shutil.copy2(work / name, run_dir(stage) / name)

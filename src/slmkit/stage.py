@@ -232,9 +232,14 @@ def main(stage: str, body: Callable[[], None]) -> None:
     # Tools that are not pipeline stages (eject, bench, report) run under the same wrapper.
     output = f"{stage_dir(stage)}/" if stage in STAGES else "its output"
     unchanged = f"{output} is unchanged (the previous complete output, or none)"
+    started = time.time()
     try:
         body()
         raise_if_interrupted()
+        if stage in STAGES:  # time, commit, host: beside the output, never in it (slmkit.lineage)
+            from slmkit import lineage
+
+            lineage.write_run(stage, started, time.time())
     except (ConfigError, DataError, StageError) as err:
         # A tool that hit a full disk may only say so in its log (quoted in the StageError).
         full = _out_of_space(err) or next(
