@@ -19,16 +19,35 @@ ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
 TRAIN_LOSS_CSV = METRICS / "train_loss.csv"  # written by `train` (DVC plot)
 EVAL_JSON = METRICS / "eval.json"  # written by `evaluate` (DVC metrics)
+
 CONFUSION_DIR = METRICS / "confusion"  # <model>.csv, written by `evaluate` (DVC confusion plots)
-# The pipeline, in order. dvc.yaml, the Makefile and scripts/ use the same names.
-STAGES = ("prepare", "base", "train", "merge", "quantize", "evaluate")
+DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"  # the checkout slmkit is installed from (-e)
+
+
+def _pipeline_stages(path: Path = DVC_YAML) -> tuple[str, ...]:
+    """The pipeline's stages in order, read from dvc.yaml: the one list (the Makefile reads it too).
+
+    Outside a checkout (slmkit installed to load a model) there is no pipeline: no stages.
+    """
+    import yaml
+
+    if not path.is_file():
+        return ()
+    stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise RuntimeError(f"{path}: no `stages:` mapping; restore dvc.yaml from git (`git checkout dvc.yaml`)")
+    return tuple(stages)
+
+
+# The pipeline, in order (dvc.yaml's order). scripts/<stage>.py, `make <stage>` and artifacts/<stage>/ follow it.
+STAGES = _pipeline_stages()
 
 log = logging.getLogger("slmkit")
 
 
 def stage_dir(stage: str) -> Path:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if STAGES and stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages (dvc.yaml): {', '.join(STAGES)}")
     return ARTIFACTS / stage
 
 
