@@ -20,6 +20,12 @@ METRICS = Path("metrics")
 TRAIN_LOSS_CSV = METRICS / "train_loss.csv"  # written by `train` (DVC plot)
 EVAL_JSON = METRICS / "eval.json"  # written by `evaluate` (DVC metrics)
 
+
+def onnx_metrics_key(precision: str) -> str:
+    """The key of the built ONNX model's metrics in eval.json: `int4_onnx`, `fp32_onnx`, ... (by builder)."""
+    return f"{precision}_onnx"
+
+
 CONFUSION_DIR = METRICS / "confusion"  # <model>.csv, written by `evaluate` (DVC confusion plots)
 DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"  # the checkout slmkit is installed from (-e)
 
