@@ -27,17 +27,20 @@ def onnx_metrics_key(precision: str) -> str:
 
 
 CONFUSION_DIR = METRICS / "confusion"  # <model>.csv, written by `evaluate` (DVC confusion plots)
-DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"  # the checkout slmkit is installed from (-e)
+# dvc.yaml of the checkout slmkit is installed from (-e); else the one where the pipeline runs (the
+# container installs slmkit from /build/src and runs the pipeline in the mounted /workspace).
+DVC_YAML = Path(__file__).resolve().parents[2] / "dvc.yaml"
 
 
-def _pipeline_stages(path: Path = DVC_YAML) -> tuple[str, ...]:
+def _pipeline_stages(path: Path | None = None) -> tuple[str, ...]:
     """The pipeline's stages in order, read from dvc.yaml: the one list (the Makefile reads it too).
 
-    Outside a checkout (slmkit installed to load a model) there is no pipeline: no stages.
+    Without a dvc.yaml (slmkit installed only to load a model) there is no pipeline: no stages.
     """
     import yaml
 
-    if not path.is_file():
+    path = path or next((p for p in (DVC_YAML, Path("dvc.yaml")) if p.is_file()), None)
+    if path is None or not path.is_file():
         return ()
     stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages")
     if not isinstance(stages, dict) or not stages:
