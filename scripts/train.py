@@ -117,6 +117,7 @@ def run() -> None:
 
     with atomic_dir(stage_dir("train")) as out:
         shutil.copytree(adapter, out / "adapter")
+        olive_run.canonical_adapter_config(out / "adapter")
         olive_run.keep_record(work, out, "train")
         # Timings and peak memory differ on every run: beside the output, not in it (slmkit.lineage).
         write_json(lineage.run_dir("train") / "train_stats.json", stats)

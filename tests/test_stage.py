@@ -167,3 +167,23 @@ def test_model_card_carries_no_commit_or_time():
     card = lineage.model_card(compose(), base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
     assert rec["config_sha256"] in card and "make lineage" in card
     assert card == lineage.model_card(compose(), base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
+
+
+def test_adapter_config_is_written_the_same_whatever_the_set_order(tmp_path: Path):
+    from slmkit.olive_run import canonical_adapter_config
+
+    written = []
+    for order in (["qkv_proj", "o_proj", "lm_head"], ["lm_head", "qkv_proj", "o_proj"]):
+        folder = tmp_path / str(len(written))
+        folder.mkdir()
+        config = {"r": 16, "target_modules": order, "modules_to_save": None, "peft_type": "LORA"}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        canonical_adapter_config(folder)
+        written.append((folder / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0]) == {
+        "r": 16,
+        "target_modules": ["lm_head", "o_proj", "qkv_proj"],
+        "modules_to_save": None,
+        "peft_type": "LORA",
+    }

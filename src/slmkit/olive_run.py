@@ -123,6 +123,22 @@ def check_adapter(adapter: Path, target_modules: list[str], log_path: Path) -> N
         )
 
 
+# adapter_config.json keys PEFT keeps as sets and writes as lists in set order, which follows Python's
+# per-process string hashing: seen, two runs with byte-identical weights wrote target_modules in two
+# orders, and DVC reran everything downstream of an unchanged adapter.
+SET_VALUED_ADAPTER_KEYS = ("target_modules", "exclude_modules")
+
+
+def canonical_adapter_config(adapter: Path) -> None:
+    """Rewrite adapter/adapter_config.json with its set-valued lists sorted, so the same adapter is the same bytes."""
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in SET_VALUED_ADAPTER_KEYS:
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def check_merged(model: Path, log_path: Path) -> None:
     """Fail unless the merged model's weights are readable and hold no LoRA tensors (the merge happened)."""
     files = sorted(model.glob("*.safetensors"))
