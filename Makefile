@@ -14,7 +14,9 @@ ARTIFACT ?=
 PY := $(VENV)/bin/python
 # setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
 ENV_STAMP := $(VENV)/.slmkit-$(EXTRA)
-STAGES := prepare base train merge quantize evaluate
+# The stage targets are dvc.yaml's stages (the one list; slmkit.stage.STAGES reads it too): the keys of its
+# `stages:` block. awk, not Python: this runs before the environment exists.
+STAGES := $(shell awk '/^stages:/ {s = 1; next} /^[^ \#]/ {s = 0} s && /^  [A-Za-z0-9_-]+:/ {sub(/:.*/, ""); print $$1}' dvc.yaml)
 
 # dvc.yaml runs `python scripts/<stage>.py`: resolve `python` and `dvc` to the locked environment.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -25,7 +27,8 @@ export OLIVE_DISABLE_TELEMETRY := 1
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_ -]+:.*## / {printf "  %-42s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk -v stages="$(STAGES)" 'BEGIN {FS = ":.*## "} /^[$$()A-Za-z_ -]+:.*## / \
+		{t = $$1; sub(/\$$\(STAGES\)/, stages, t); printf "  %-42s %s\n", t, $$2}' $(MAKEFILE_LIST)
 
 env:
 	@sha256sum --status -c $(ENV_STAMP) 2>/dev/null || scripts/setup.sh $(EXTRA) $(VENV)
@@ -58,7 +61,7 @@ _finetune:
 	dvc repro
 	$(PY) -m slmkit.cli summary
 
-prepare base train merge quantize evaluate: env ## Run the pipeline up to this stage (ARGS=overrides recompose params.yaml first)
+$(STAGES): env ## Run the pipeline up to this stage (ARGS=overrides recompose params.yaml first)
 	$(RUNLOCK) $(MAKE) --no-print-directory _stage STAGE=$@
 
 _stage:

@@ -27,7 +27,7 @@ def run() -> None:
     with atomic_dir(stage_dir("merge")) as out:
         shutil.copytree(model, out / "model")
         save_prompt_config(cfg.data, out / "model")
-        olive_run.keep_record(work, out)
+        olive_run.keep_record(work, out, "merge")
         lineage.write(out, "merge", cfg, ("seed", "data", "model", "lora", "train"))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -50,7 +50,7 @@ def run() -> None:
                 GenaiModel(model).generate("check", max_new_tokens=2)
             except Exception as err:
                 raise StageError(f"the built model does not run with onnxruntime-genai: {err}") from err
-        olive_run.keep_record(work, out)
+        olive_run.keep_record(work, out, "quantize")
         manifest = read_json(stage_dir("prepare") / "manifest.json")
         sections = ("seed", "data", "model", "lora", "train", "builder")
         record = lineage.write(out, "quantize", cfg, sections, manifest)

@@ -43,7 +43,8 @@ def job(raw: DictConfig) -> float:
     except StageError as err:  # this job's pipeline failed: the other jobs go on; the sweep exits 1 at the end
         print(f"slmkit sweep: job {hc.job.num} ({' '.join(overrides)}): error: {err}", file=sys.stderr)
         return float("nan")  # Optuna records the trial as failed
-    print(f"job {hc.job.num} {result['name']}: int4 accuracy {result['objective']:.4f} ({result['seconds']} s)")
+    model, acc, seconds = result["objective_model"], result["objective"], result["seconds"]
+    print(f"job {hc.job.num} {result['name']}: {model} accuracy {acc:.4f} ({seconds} s)")
     return result["objective"]
 
 

@@ -5,8 +5,9 @@
 With train.nproc_per_node > 1 the Olive run goes under torchrun, one data-parallel process per GPU
 (slmkit.distributed).
 
-Writes artifacts/train/adapter/ (PEFT adapter), the Olive config and log, train_stats.json (time per
-step, tokens/s, peak memory) and the loss curve metrics/train_loss.csv (step, loss, eval_loss).
+Writes artifacts/train/adapter/ (PEFT adapter), the Olive config, and the loss curve
+metrics/train_loss.csv (step, loss, eval_loss); Olive's log and train_stats.json (time per step,
+tokens/s, peak memory) go to artifacts/runs/train/, outside the DVC output (they differ on every run).
 """
 
 import json
@@ -116,8 +117,10 @@ def run() -> None:
 
     with atomic_dir(stage_dir("train")) as out:
         shutil.copytree(adapter, out / "adapter")
-        olive_run.keep_record(work, out)
-        write_json(out / "train_stats.json", stats)
+        olive_run.canonical_adapter_config(out / "adapter")
+        olive_run.keep_record(work, out, "train")
+        # Timings and peak memory differ on every run: beside the output, not in it (slmkit.lineage).
+        write_json(lineage.run_dir("train") / "train_stats.json", stats)
         lineage.write(out, "train", cfg, ("seed", "data", "model", "lora", "train"))
         write_text(
             TRAIN_LOSS_CSV,

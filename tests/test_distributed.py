@@ -127,7 +127,7 @@ def test_two_process_training_on_cpu_shards_each_step_and_keeps_ranks_in_sync(wo
         log = result.stdout + result.stderr
         assert "in 2 data-parallel processes (cpu)" in log
         assert "all 2 data-parallel ranks hold the same adapter" in log
-        stats = json.loads((workspace / "artifacts/train/train_stats.json").read_text())
+        stats = json.loads((workspace / "artifacts/runs/train/train_stats.json").read_text())
         assert stats["processes"] == 2
         assert stats["examples_per_step"] == 2 * 16
         # DDP shards each batch over the ranks: 12 steps went through 12 x 16 x 2 examples, twice what one

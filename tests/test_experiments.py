@@ -150,3 +150,17 @@ def test_optuna_search_returns_accuracy_and_finds_the_best(workspace: Path):
     assert len(results) == 2
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(r["objective"] for r in results)
+
+
+def test_a_sweep_over_builders_ranks_each_job_by_the_model_it_built(workspace: Path):
+    # evaluate names the built model by its precision (int4_onnx, fp32_onnx): the objective follows it.
+    make("sweep", workspace, f"ARGS=builder=int4_cpu,fp32_cpu {QUICK}")
+    results = {r["overrides"][0]: r for r in collect(_latest_sweep(workspace))}
+    assert set(results) == {"builder=int4_cpu", "builder=fp32_cpu"}
+    for override, model in (("builder=int4_cpu", "int4_onnx"), ("builder=fp32_cpu", "fp32_onnx")):
+        r = results[override]
+        assert "failed" not in r, r
+        assert r["objective_model"] == model and r["objective"] == r["metrics"][model]["accuracy"]
+        assert "train" in r["stages"]["reused"] and "quantize" in r["stages"]["ran"], r["stages"]
+    summary = (_latest_sweep(workspace) / "summary.md").read_text()
+    assert "| fp32_onnx |" in summary and "| int4_onnx |" in summary

@@ -34,7 +34,7 @@ def test_phi3_mini_layout_to_int4_cuda(method: str, tmp_path: Path):
     ws = copy_repo(tmp_path)
     result = make("finetune", ws, f"ARGS={ARGS} lora={method}")
     seconds = _stage_seconds(result.stdout + result.stderr)
-    stats = json.loads((ws / "artifacts/train/train_stats.json").read_text())
+    stats = json.loads((ws / "artifacts/runs/train/train_stats.json").read_text())
     assert stats["device"] == "cuda" and stats["peak_gpu_memory_gib"] > 0
     genai = json.loads((ws / "artifacts/quantize/model/genai_config.json").read_text())
     assert "cuda" in json.dumps(genai["model"]["decoder"]["session_options"]).lower()
@@ -93,6 +93,6 @@ def test_data_parallel_lora_on_every_gpu(tmp_path: Path):
     log = result.stdout + result.stderr
     assert f"in {gpus} data-parallel processes (cuda)" in log
     assert f"all {gpus} data-parallel ranks hold the same adapter" in log
-    stats = json.loads((ws / "artifacts/train/train_stats.json").read_text())
+    stats = json.loads((ws / "artifacts/runs/train/train_stats.json").read_text())
     assert stats["processes"] == gpus and stats["peak_gpu_memory_gib"] > 0
     _record(f"lora_ddp_{gpus}", {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "train": stats})

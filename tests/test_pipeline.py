@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -25,10 +26,14 @@ def test_finetune_ends_with_model_and_accuracy(workspace: Path):
 def test_every_stage_wrote_its_folder_with_lineage(workspace: Path):
     data_sha = sha256_file(workspace / "data" / "tones.jsonl")
     for stage in STAGES:
-        lineage = json.loads((workspace / "artifacts" / stage / "lineage.json").read_text())
+        raw = (workspace / "artifacts" / stage / "lineage.json").read_bytes()
+        lineage = json.loads(raw)
         assert lineage["stage"] == stage
         assert lineage["data_sha256"] == data_sha
-        assert lineage["git_commit"]
+        assert "git_commit" not in lineage and "created" not in lineage  # volatile: in the run record
+        run = json.loads((workspace / "artifacts" / "runs" / stage / "run.json").read_text())
+        assert run["git_commit"] and run["finished"]
+        assert run["lineage_sha256"] == hashlib.sha256(raw).hexdigest()
     assert not list((workspace / "artifacts").glob(".*")), "temporary folders left behind"
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from slmkit.config import compose, to_yaml
 from slmkit.olive_run import require
-from slmkit.stage import StageError
+from slmkit.stage import StageError, stage_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_lineage_record_carries_data_split_and_config_hashes():
         rec["config_sha256"]
         != lineage.record("train", compose(["lora.r=4"]), ("lora", "train"), manifest)["config_sha256"]
     )
-    assert rec["packages"]["olive-ai"] and rec["device"]["python"]
+    assert rec["packages"]["olive-ai"] and rec["python"]
     manifest["splits"]["train"]["count"] = 10
     base = {"source": "tiny", "parameters": 1234, "vocab_size": 99}
     card = lineage.model_card(cfg, base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
@@ -121,3 +121,69 @@ def test_lineage_record_carries_data_split_and_config_hashes():
     qlora = compose(["lora=qlora"])  # no module list: Olive adapts every 4-bit linear layer
     card = lineage.model_card(qlora, base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
     assert "qlora" in card and "every 4-bit linear layer" in card
+
+
+def test_lineage_record_holds_no_volatile_fact(monkeypatch):
+    # lineage.json lives inside a DVC-tracked output: a rerun at another time, commit or host that writes
+    # the same weights must write the same bytes, or DVC reruns everything downstream.
+    from slmkit import lineage
+
+    manifest = {"source": {"path": "d", "sha256": "a" * 64}, "splits": {"train": {"sha256": "b" * 64}}}
+    first = lineage.record("train", compose(), ("lora", "train"), manifest)
+    monkeypatch.setattr(lineage, "_git", lambda *args: "f" * 40)  # another commit, a dirty tree
+    monkeypatch.setattr(lineage.platform, "node", lambda: "another-host")
+    assert lineage.record("train", compose(), ("lora", "train"), manifest) == first
+    assert not {"created", "git_commit", "git_dirty", "host", "device"} & first.keys()
+
+
+def test_run_record_names_the_output_it_describes(tmp_path: Path, monkeypatch):
+    from slmkit import lineage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lineage, "_git", lambda *args: "c0ffee" * 6 + "abcd" if args[0] == "rev-parse" else "")
+    manifest = {"source": {"path": "d", "sha256": "a" * 64}, "splits": {"train": {"sha256": "b" * 64}}}
+    out = stage_dir("prepare")
+    out.mkdir(parents=True)
+    lineage.write(out, "prepare", compose(), ("seed", "data"), manifest)
+    run = lineage.write_run("prepare", 1_700_000_000.0, 1_700_000_012.5)
+    assert run["git_commit"].startswith("c0ffee") and run["seconds"] == 12.5 and run["git_dirty"] is False
+    assert (tmp_path / "artifacts/runs/prepare/run.json").is_file()
+    [rec] = lineage.chain(out)
+    assert rec["run"] == run
+    assert "2023-11-14T22:13:32+00:00  git c0ffeec0ffee" in lineage.format_chain([rec])
+    # DVC restored another output (other stable facts) from its cache: this run record is not its own.
+    (out / "lineage.json").write_text((out / "lineage.json").read_text().replace("a" * 64, "9" * 64))
+    [rec] = lineage.chain(out)
+    assert rec["run"] is None
+    assert "no run record here" in lineage.format_chain([rec]) and "c0ffee" not in lineage.format_chain([rec])
+
+
+def test_model_card_carries_no_commit_or_time():
+    from slmkit import lineage
+
+    manifest = {"source": {"path": "d", "sha256": "a" * 64}, "splits": {"train": {"sha256": "b" * 64, "count": 3}}}
+    rec = lineage.record("quantize", compose(), ("builder",), manifest)
+    base = {"source": "tiny", "parameters": 1234, "vocab_size": 99}
+    card = lineage.model_card(compose(), base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
+    assert rec["config_sha256"] in card and "make lineage" in card
+    assert card == lineage.model_card(compose(), base, manifest, {"loss": "0.5", "eval_loss": "0.9"}, rec)
+
+
+def test_adapter_config_is_written_the_same_whatever_the_set_order(tmp_path: Path):
+    from slmkit.olive_run import canonical_adapter_config
+
+    written = []
+    for order in (["qkv_proj", "o_proj", "lm_head"], ["lm_head", "qkv_proj", "o_proj"]):
+        folder = tmp_path / str(len(written))
+        folder.mkdir()
+        config = {"r": 16, "target_modules": order, "modules_to_save": None, "peft_type": "LORA"}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        canonical_adapter_config(folder)
+        written.append((folder / "adapter_config.json").read_bytes())
+    assert written[0] == written[1]
+    assert json.loads(written[0]) == {
+        "r": 16,
+        "target_modules": ["lm_head", "o_proj", "qkv_proj"],
+        "modules_to_save": None,
+        "peft_type": "LORA",
+    }

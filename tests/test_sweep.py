@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from slmkit import sweep
 from slmkit.config import ConfigError, compose, to_dict
 from slmkit.plan import changed_params, upstream
-from slmkit.stage import STAGES
+from slmkit.stage import STAGES, StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,3 +169,28 @@ def test_search_sweeper_maximises_accuracy():
         cfg = hydra_compose(config_name="config", overrides=["hydra/sweeper=search"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "maximize"
+
+
+def test_objective_follows_the_builder_precision():
+    # evaluate writes the built model's metrics under `{builder.precision}_onnx`: a sweep over builders
+    # must read fp32_onnx for an fp32 job (it read int4_onnx and crashed with a KeyError).
+    int4 = {"int4_onnx": {"accuracy": 0.61}, "merged_pytorch": {"accuracy": 0.62}}
+    fp32 = {"fp32_onnx": {"accuracy": 0.64}, "merged_pytorch": {"accuracy": 0.62}}
+    for builder, metrics, expected in (("int4_cpu", int4, 0.61), ("fp32_cpu", fp32, 0.64)):
+        key = sweep.onnx_metrics_key(compose([f"builder={builder}"]).builder.precision)
+        assert sweep.objective(metrics, key) == expected
+    with pytest.raises(StageError, match=r"no int4_onnx\.accuracy \(models: fp32_onnx, merged_pytorch\)"):
+        sweep.objective(fp32, "int4_onnx")
+
+
+def test_summary_of_a_sweep_over_builders_ranks_each_job_by_its_own_model(tmp_path: Path):
+    fp32 = _result("s-0", 0.0, 0.62)
+    fp32["metrics"] = {"fp32_onnx": {"accuracy": 0.64}, "merged_pytorch": {"accuracy": 0.62}}
+    fp32.update(objective=0.64, objective_model="fp32_onnx")
+    int4 = _result("s-1", 0.58, 0.62)
+    int4["objective_model"] = "int4_onnx"
+    sweep.write_json(tmp_path / "0" / sweep.RESULT_FILE, fp32)
+    sweep.write_json(tmp_path / "1" / sweep.RESULT_FILE, int4)
+    rows = [line for line in sweep.summarise(tmp_path).splitlines() if "| s-" in line]
+    assert rows[0].startswith("| ★ | s-0 ") and "| 0.6400 | fp32_onnx | 0.6200 |" in rows[0]
+    assert rows[1].startswith("|  | s-1 ") and "| 0.5800 | int4_onnx | 0.6200 |" in rows[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,42 @@ def _env() -> dict[str, str]:
     return env
 
 
+def run_group(cmd: list[str], timeout: float, grace: float = 10, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(capture_output=True, text=True) that ends the command's whole process tree on timeout.
+
+    subprocess.run's timeout kills `make` alone: the `dvc repro` under it runs on, keeps the workspace's
+    run lock and fails the tests after it. Here the command leads its own session (process group), and a
+    timeout (or Ctrl-C in pytest) sends SIGTERM to the group, then SIGKILL after `grace` seconds.
+    """
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:
+        out, err = _end_group(proc, grace)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _end_group(proc: subprocess.Popen, grace: float) -> tuple[str, str]:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone already
+            break
+        try:
+            return proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue  # the leader or a child that holds the pipes outlived SIGTERM: SIGKILL
+    proc.kill()
+    return proc.communicate()
+
+
 def run(cmd: list[str], cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    result = run_group(cmd, timeout, cwd=cwd, env=_env())
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 

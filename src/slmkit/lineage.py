@@ -1,4 +1,15 @@
-"""Lineage records: where an artifact came from (data hash, config hash, code and package versions, device)."""
+"""Lineage records: where an artifact came from.
+
+Two records per stage output, split by whether a rerun changes them:
+- `lineage.json`, inside the DVC-tracked output: stable facts only (data and split sha256, config section
+  hash, lock-file hash, package versions). A rerun that writes the same weights writes the same bytes, so
+  DVC sees an unchanged output and nothing downstream reruns (early cutoff), and a fresh clone's run can
+  reproduce the committed dvc.lock.
+- `artifacts/runs/<stage>/run.json`, outside every DVC output (artifacts/ is git-ignored): the volatile
+  facts of the run that wrote it (time, git commit, dirty flag, host, device) and its tool log. It names
+  the sha256 of the lineage.json it was written with; an output DVC restored from its cache has no
+  matching run record here, and `slmkit lineage` says so rather than show another run's commit.
+"""
 
 from __future__ import annotations
 
@@ -27,9 +38,10 @@ LOCK_FILES = (Path("requirements/cpu.txt"), Path("requirements/cuda.txt"))
 
 
 def write(out: Path, stage: str, cfg: Config, sections: tuple[str, ...], manifest: dict | None = None) -> dict:
-    """Write `out`/lineage.json for a stage output and return the record.
+    """Write `out`/lineage.json (the stable record) for a stage output and return the record.
 
     `manifest` defaults to the prepare stage's data manifest (prepare passes the one it is writing).
+    The run record (time, commit) is written by `write_run` once the output is in place.
     """
     from slmkit.stage import read_json, stage_dir, write_json
 
@@ -67,21 +79,67 @@ def _device() -> dict[str, object]:
 
 
 def record(stage: str, cfg: Config, sections: tuple[str, ...], manifest: dict) -> dict:
-    """The lineage record of one stage output; `manifest` is the prepare stage's data manifest."""
-    status = _git("status", "--porcelain")
+    """The stable lineage record of one stage output; `manifest` is the prepare stage's data manifest.
+
+    Nothing here may change when the same inputs are run again (no time, commit, host): see the module doc.
+    """
     return {
         "stage": stage,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "data_sha256": manifest["source"]["sha256"],
         "split_sha256": {name: split["sha256"] for name, split in manifest["splits"].items()},
         "config_sections": list(sections),
         "config_sha256": section_hash(cfg, *sections),
         "lock_sha256": {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in LOCK_FILES if p.exists()},
+        "python": platform.python_version(),
+        "packages": _versions(),
+    }
+
+
+def run_dir(stage: str) -> Path:
+    """Where a stage keeps what describes its last run here, not its output (artifacts/runs/<stage>/)."""
+    from slmkit.stage import ARTIFACTS
+
+    return ARTIFACTS / "runs" / stage
+
+
+def run_record(stage: str, lineage_sha256: str, started: float, finished: float) -> dict:
+    """The volatile facts of one run of a stage: when, which commit, where. Never inside a DVC output."""
+    status = _git("status", "--porcelain")
+    return {
+        "stage": stage,
+        "lineage_sha256": lineage_sha256,
+        "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "finished": datetime.fromtimestamp(finished, UTC).isoformat(timespec="seconds"),
+        "seconds": round(finished - started, 1),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
-        "packages": _versions(),
+        "host": platform.node(),
         "device": _device(),
     }
+
+
+def write_run(stage: str, started: float, finished: float) -> dict | None:
+    """Write the run record of a stage whose output (with its lineage.json) is now in place."""
+    from slmkit.stage import stage_dir, write_json
+
+    file = stage_dir(stage) / "lineage.json"
+    if not file.exists():  # a stage that failed before committing its output: nothing to describe
+        return None
+    rec = run_record(stage, hashlib.sha256(file.read_bytes()).hexdigest(), started, finished)
+    write_json(run_dir(stage) / "run.json", rec)
+    return rec
+
+
+def _matching_run(stage: str, lineage_bytes: bytes) -> dict | None:
+    """The run record that was written with exactly this lineage.json, if this workspace has it."""
+    import json
+
+    file = run_dir(stage) / "run.json"
+    try:
+        rec = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if rec.get("lineage_sha256") == hashlib.sha256(lineage_bytes).hexdigest() else None
 
 
 def chain(path: str | Path) -> list[dict]:
@@ -104,20 +162,27 @@ def chain(path: str | Path) -> list[dict]:
         if file.exists():
             import json
 
-            records.append(json.loads(file.read_text(encoding="utf-8")))
+            raw = file.read_bytes()
+            records.append({**json.loads(raw), "run": _matching_run(name, raw)})
     return records
 
 
 def format_chain(records: list[dict]) -> str:
+    """One line per stage: stable facts, then the run's time and commit (or why they are not known here)."""
     lines = []
     for r in records:
-        dirty = " (dirty)" if r.get("git_dirty") else ""
-        commit = (r.get("git_commit") or "no git")[:12]
         pk = r.get("packages", {})
+        run = r.get("run")
+        if run:
+            dirty = " (dirty)" if run.get("git_dirty") else ""
+            when = f"{run['finished']}  git {(run.get('git_commit') or 'no git')[:12]}{dirty}"
+            where = f"  device {(run.get('device') or {}).get('gpu') or 'cpu'}"
+        else:
+            when, where = "(no run record here: restored from the DVC cache or built elsewhere)", ""
         lines.append(
-            f"{r['stage']:<9} {r['created']}  data {str(r.get('data_sha256'))[:12]}  "
-            f"config[{','.join(r['config_sections'])}] {r['config_sha256'][:12]}  git {commit}{dirty}  "
-            f"olive {pk.get('olive-ai')} torch {pk.get('torch')}  device {r['device'].get('gpu') or 'cpu'}"
+            f"{r['stage']:<9} {when}  data {str(r.get('data_sha256'))[:12]}  "
+            f"config[{','.join(r['config_sections'])}] {r['config_sha256'][:12]}  "
+            f"olive {pk.get('olive-ai')} torch {pk.get('torch')}{where}"
         )
     return "\n".join(lines)
 
@@ -134,11 +199,14 @@ def model_card(cfg: Config, base: dict, manifest: dict, final_loss: dict, rec: d
     splits = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
     precision = b.precision + (f", block size {b.int4_block_size}" if b.precision == "int4" else "")
     pk = rec["packages"]
+    locks = ", ".join(f"`{name}` `{sha[:12]}`" for name, sha in rec["lock_sha256"].items()) or "none"
     # QLoRA has no module list in the config: Olive adapts every 4-bit linear layer.
     modules = ", ".join(lo.target_modules) if lo.target_modules else "every 4-bit linear layer"
     return f"""# {m.name}: {"/".join(cfg.data.labels)} classifier ({b.precision} ONNX for onnxruntime-genai)
 
 Made by slmkit. Test metrics: `metrics/eval.json`; full lineage: `make lineage` / `lineage.json`.
+The git commit and build time are not in this folder, so that a rebuild writing the same weights is
+byte-identical: `make lineage` shows them (from `artifacts/runs/`) where the model was built.
 
 | | |
 |---|---|
@@ -148,7 +216,7 @@ Made by slmkit. Test metrics: `metrics/eval.json`; full lineage: `make lineage` 
 | final loss | train {final_loss.get("loss")}, validation {final_loss.get("eval_loss")} (label + EOS) |
 | data | `{manifest["source"]["path"]}` sha256 `{manifest["source"]["sha256"]}`; {splits} |
 | build | Olive ModelBuilder, {precision}, execution provider {b.execution_provider} |
-| code | git `{rec["git_commit"]}`{" (uncommitted changes)" if rec["git_dirty"] else ""} |
+| inputs | config sha256 `{rec["config_sha256"]}`; lock files {locks} |
 | versions | olive-ai {pk.get("olive-ai")}, onnxruntime-genai {pk.get("onnxruntime-genai")}, torch {pk.get("torch")} |
 
 Prompt (the label is what the model writes; `slmkit_prompt.json` holds it for slmkit):

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from slmkit.stage import RedactFilter, StageError, raise_if_interrupted, redact_all_handlers, stage_dir
 
-# What each Olive-driven stage keeps of its Olive run, beside its output.
-RECORD_FILES = ("olive_config.json", "olive.log")
+# What each Olive-driven stage keeps of its Olive run: the config (stable) in its output, the log (times,
+# timings) in its run folder, outside the DVC-tracked output (slmkit.lineage).
+RECORD_FILES = ("olive_config.json",)
+RUN_FILES = ("olive.log",)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,22 @@ def check_adapter(adapter: Path, target_modules: list[str], log_path: Path) -> N
         )
 
 
+# adapter_config.json keys PEFT keeps as sets and writes as lists in set order, which follows Python's
+# per-process string hashing: seen, two runs with byte-identical weights wrote target_modules in two
+# orders, and DVC reran everything downstream of an unchanged adapter.
+SET_VALUED_ADAPTER_KEYS = ("target_modules", "exclude_modules")
+
+
+def canonical_adapter_config(adapter: Path) -> None:
+    """Rewrite adapter/adapter_config.json with its set-valued lists sorted, so the same adapter is the same bytes."""
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in SET_VALUED_ADAPTER_KEYS:
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def check_merged(model: Path, log_path: Path) -> None:
     """Fail unless the merged model's weights are readable and hold no LoRA tensors (the merge happened)."""
     files = sorted(model.glob("*.safetensors"))
@@ -163,7 +181,12 @@ def scratch(stage: str) -> Path:
     return work
 
 
-def keep_record(work: Path, out: Path) -> None:
-    """Copy the Olive config and log that made an output into the output folder."""
+def keep_record(work: Path, out: Path, stage: str) -> None:
+    """Copy the Olive config that made an output into the output folder, and Olive's log to the run folder."""
+    from slmkit.lineage import run_dir
+
     for name in RECORD_FILES:
         shutil.copy2(work / name, out / name)
+    run_dir(stage).mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        shutil.copy2(work / name, run_dir(stage) / name)

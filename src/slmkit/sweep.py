@@ -24,13 +24,14 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from slmkit.config import Config, to_yaml, validate
-from slmkit.stage import EVAL_JSON, StageError, write_json
+from slmkit.stage import EVAL_JSON, StageError, onnx_metrics_key, write_json
 
 log = logging.getLogger("slmkit.sweep")
 
 RESULT_FILE = "result.json"
-# The figure a sweep optimises and ranks by (metrics/eval.json).
-OBJECTIVE = ("int4_onnx", "accuracy")
+# The figure a sweep optimises and ranks by: this metric of the ONNX model the job's builder made
+# (metrics/eval.json's `int4_onnx`, `fp32_onnx`, ...: a sweep may range over builders).
+OBJECTIVE_METRIC = "accuracy"
 STAGE_LINE = re.compile(r"Stage '([\w-]+)' didn't change, skipping|Running stage '([\w-]+)'")
 
 
@@ -137,10 +138,28 @@ def run_job(
         metrics = json.loads((ws / EVAL_JSON).read_text(encoding="utf-8"))
     finally:
         shutil.rmtree(ws, ignore_errors=True)
-    outcome = {"metrics": metrics, "objective": metrics[OBJECTIVE[0]][OBJECTIVE[1]], "stages": stage_report(text)}
+    key = onnx_metrics_key(cfg.builder.precision)
+    outcome = {
+        "metrics": metrics,
+        "objective_model": key,
+        "objective": objective(metrics, key, log_path),
+        "stages": stage_report(text),
+    }
     result = _job_record(name, overrides, started, threads, outcome)
     write_json(job_dir / RESULT_FILE, result)
     return result
+
+
+def objective(metrics: dict[str, Any], key: str, source: Path | str = EVAL_JSON) -> float:
+    """The job's objective: the accuracy of the ONNX model its builder made (`key`, e.g. fp32_onnx)."""
+    try:
+        return float(metrics[key][OBJECTIVE_METRIC])
+    except (KeyError, TypeError):
+        models = ", ".join(k for k, v in metrics.items() if isinstance(v, dict) and OBJECTIVE_METRIC in v)
+        raise StageError(
+            f"{EVAL_JSON} of this job has no {key}.{OBJECTIVE_METRIC} (models: {models or 'none'}); "
+            f"the evaluate stage names the built model by builder.precision: see {source}"
+        ) from None
 
 
 def _job_record(name: str, overrides: list[str], started: float, threads: int, outcome: dict) -> dict[str, Any]:
@@ -182,21 +201,24 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     done = [r for r in results if r.get("failed") is None]
     best = max(done, key=lambda r: r["objective"]) if done else None
     lines = [
-        "| | experiment | overrides | int4 acc | merged acc | stages run | reused | s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| | experiment | overrides | ONNX acc | ONNX model | merged acc | stages run | reused | s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(done, key=lambda r: -r["objective"]):
         m = r["metrics"]
+        merged = m.get("merged_pytorch", {}).get("accuracy")
         lines.append(
             f"| {'★' if r is best else ''} | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | "
-            f"{m['int4_onnx']['accuracy']:.4f} | {m['merged_pytorch']['accuracy']:.4f} | "
+            # result.json files written before the objective followed the builder: int4.
+            f"{r['objective']:.4f} | {r.get('objective_model', 'int4_onnx')} | "
+            f"{'-' if merged is None else f'{merged:.4f}'} | "
             f"{', '.join(r['stages']['ran']) or '-'} | {', '.join(r['stages']['reused']) or '-'} | {r['seconds']} |"
         )
     for r in failed(results):
         reason = r["failed"].replace("|", "/")
         lines.append(
             f"| ✗ | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | failed | {reason} "
-            f"(log: {r['log']}) | | | {r['seconds']} |"
+            f"(log: {r['log']}) | | | | {r['seconds']} |"
         )
     return "\n".join(lines)
 
