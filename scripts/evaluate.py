@@ -18,7 +18,18 @@ from slmkit import inference, lineage
 from slmkit.config import DECODINGS, load_params
 from slmkit.data import read_split
 from slmkit.evaluate import INVALID, bag_of_words_baseline, parity_gate, score
-from slmkit.stage import CONFUSION_DIR, EVAL_JSON, atomic_dir, log, main, read_json, stage_dir, write_json, write_text
+from slmkit.stage import (
+    CONFUSION_DIR,
+    EVAL_JSON,
+    atomic_dir,
+    log,
+    main,
+    onnx_metrics_key,
+    read_json,
+    stage_dir,
+    write_json,
+    write_text,
+)
 
 
 def run() -> None:
@@ -27,7 +38,7 @@ def run() -> None:
     prepared = stage_dir("prepare")
     train = read_split(prepared / "train.jsonl")
     test = read_split(prepared / "test.jsonl")
-    quantized = f"{cfg.builder.precision}_onnx"
+    quantized = onnx_metrics_key(cfg.builder.precision)
     remote = cfg.model.trust_remote_code
     paths = {
         quantized: stage_dir("quantize") / "model",
