@@ -59,7 +59,8 @@ def run() -> None:
                 "revision": cfg.model.revision,
             }
         write_json(out / "base.json", base)
-        lineage.write(out, "base", cfg, ("seed", "model", "data"))
+        inputs = {base["gguf_file"]: base["gguf_sha256"]} if "gguf_sha256" in base else None
+        lineage.write(out, "base", cfg, ("seed", "model", "data"), inputs=inputs)
 
 
 if __name__ == "__main__":

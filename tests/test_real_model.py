@@ -38,6 +38,11 @@ def test_base_is_the_converted_gguf_with_its_hash(real: Path):
     assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf"
     base = json.loads((real / "artifacts/base/base.json").read_text())
     assert base["gguf_sha256"] == sha256_file(resolve(cfg.model.path))
+    lineage = json.loads((real / "artifacts/base/lineage.json").read_text())
+    assert lineage["inputs_sha256"] == {base["gguf_file"]: base["gguf_sha256"]}
+    assert "requirements/models.txt" in lineage["lock_sha256"]
+    card = (real / "artifacts/quantize/model/README.md").read_text()
+    assert base["gguf_file"] in card and base["gguf_sha256"][:12] in card
     assert base["parameters"] == cfg.model.architecture["num_parameters"]
     folder = real / "artifacts/base/model"
     config = json.loads((folder / "config.json").read_text())

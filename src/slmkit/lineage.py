@@ -34,13 +34,21 @@ PACKAGES = (
     "dvc",
     "hydra-core",
 )
-LOCK_FILES = (Path("requirements/cpu.txt"), Path("requirements/cuda.txt"))
+LOCK_FILES = (Path("requirements/cpu.txt"), Path("requirements/cuda.txt"), Path("requirements/models.txt"))
 
 
-def write(out: Path, stage: str, cfg: Config, sections: tuple[str, ...], manifest: dict | None = None) -> dict:
+def write(
+    out: Path,
+    stage: str,
+    cfg: Config,
+    sections: tuple[str, ...],
+    manifest: dict | None = None,
+    inputs: dict[str, str] | None = None,
+) -> dict:
     """Write `out`/lineage.json (the stable record) for a stage output and return the record.
 
     `manifest` defaults to the prepare stage's data manifest (prepare passes the one it is writing).
+    `inputs`: sha256 of other files the output was made from (the base stage's GGUF checkpoint).
     The run record (time, commit) is written by `write_run` once the output is in place.
     """
     from slmkit.stage import read_json, stage_dir, write_json
@@ -48,6 +56,8 @@ def write(out: Path, stage: str, cfg: Config, sections: tuple[str, ...], manifes
     if manifest is None:
         manifest = read_json(stage_dir("prepare") / "manifest.json")
     rec = record(stage, cfg, sections, manifest)
+    if inputs:
+        rec["inputs_sha256"] = dict(inputs)
     write_json(out / "lineage.json", rec)
     return rec
 
@@ -183,6 +193,7 @@ def format_chain(records: list[dict]) -> str:
             f"{r['stage']:<9} {when}  data {str(r.get('data_sha256'))[:12]}  "
             f"config[{','.join(r['config_sections'])}] {r['config_sha256'][:12]}  "
             f"olive {pk.get('olive-ai')} torch {pk.get('torch')}{where}"
+            + "".join(f"  {name} {sha[:12]}" for name, sha in r.get("inputs_sha256", {}).items())
         )
     return "\n".join(lines)
 
@@ -193,6 +204,11 @@ def model_card(cfg: Config, base: dict, manifest: dict, final_loss: dict, rec: d
     if base["source"] == "tiny":
         base_line = (
             f"tiny Phi-3 architecture built locally ({base['parameters']:,} parameters, vocab {base['vocab_size']})"
+        )
+    elif base["source"] == "gguf":
+        base_line = (
+            f"GGUF checkpoint `{base['gguf_file']}` (sha256 `{base['gguf_sha256'][:12]}`, {base['gguf_architecture']}, "
+            f"{'/'.join(base['gguf_tensor_types'])}), dequantized to fp32: {base['parameters']:,} parameters"
         )
     else:
         base_line = f"`{base.get('hub_id') or base['model_path']}` at revision `{base.get('revision')}`"
