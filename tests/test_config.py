@@ -81,8 +81,8 @@ def test_every_group_option_composes(option_file: Path):
     assert isinstance(cfg, Config)
     # The composed section is the chosen file (plus schema defaults for keys the file leaves out).
     full = to_dict(cfg)
-    section = full[group]
-    for key, value in OmegaConf.to_container(OmegaConf.load(option_file)).items():
+    section = _leaves(full[group])
+    for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(option_file))).items():
         if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
             value = _get(full, value[2:-1])  # an interpolation, e.g. ${model.target_modules}
         assert section[key] == value, f"{group}.{key} does not come from {option_file}"
@@ -483,3 +483,66 @@ def test_bad_config_exits_1_without_traceback_or_params(tmp_path: Path):
     assert result.returncode == 1
     assert "lora.target_modules" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "params.yaml").exists()
+
+
+# --- each value said once --------------------------------------------------------------------------
+
+
+def _parent(option_file: Path) -> Path | None:
+    """The option this file extends (a defaults-list entry naming a sibling in its own group), if any."""
+    raw = OmegaConf.to_container(OmegaConf.load(option_file))
+    siblings = [d for d in raw.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    return option_file.with_name(f"{siblings[0]}.yaml") if siblings else None
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key != "defaults":
+                out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+@pytest.mark.parametrize("option_file", GROUP_FILES, ids=[f"{p.parent.name}={p.stem}" for p in GROUP_FILES])
+def test_an_option_that_extends_another_restates_none_of_its_values(option_file: Path):
+    parent = _parent(option_file)
+    if parent is None:
+        assert "defaults" not in OmegaConf.load(option_file) or option_file.parent.name == "experiment"
+        return
+    mine = _leaves(OmegaConf.to_container(OmegaConf.load(option_file)))
+    inherited = {}
+    while parent is not None:  # the whole chain of parents
+        inherited = {**_leaves(OmegaConf.to_container(OmegaConf.load(parent))), **inherited}
+        parent = _parent(parent)
+    same = sorted(k for k, v in mine.items() if k in inherited and inherited[k] == v)
+    assert not same, f"{option_file} restates {same}, which it inherits: say each value once"
+
+
+def test_schema_defaults_agree_with_every_yaml_that_sets_them():
+    """A dataclass default is the value a key has when no yaml sets it; a yaml that sets another value makes
+    the schema say one thing and conf/ another. Keys every option sets carry no default at all (MISSING)."""
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    from slmkit import config as schema
+
+    sections = {
+        f.name: f.default_factory
+        for f in dataclasses.fields(schema.Config)
+        if f.default_factory is not dataclasses.MISSING
+    }
+    problems = []
+    for group, factory in sections.items():
+        files = sorted((CONF_DIR / group).glob("*.yaml")) if (CONF_DIR / group).is_dir() else [CONF_DIR / "config.yaml"]
+        for f in dataclasses.fields(factory()):
+            if f.default is dataclasses.MISSING or f.default is MISSING or f.default is None:
+                continue
+            for file in files:
+                raw = OmegaConf.to_container(OmegaConf.load(file))
+                raw = raw.get(group, {}) if file.name == "config.yaml" else raw
+                if f.name in raw and raw[f.name] != f.default:
+                    problems.append(f"{group}.{f.name}: schema default {f.default!r}, {file.name} sets {raw[f.name]!r}")
+    assert not problems, "\n".join(problems)

