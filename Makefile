@@ -110,7 +110,7 @@ lineage: env ## Print where the int4 model came from (or ARTIFACT=artifacts/<sta
 	$(PY) -m slmkit.cli lineage $(ARTIFACT)
 
 test: env ## Run the default and slow tests (the slow ones run the real pipeline)
-	$(PY) -m pytest -m "not gpu"
+	$(PY) -m pytest -m "not gpu" --durations=15
 
 test-fast: env ## Run the default tests only
 	$(PY) -m pytest -m "not slow and not gpu"
