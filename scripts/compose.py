@@ -13,13 +13,16 @@ from slmkit.config import ConfigError, compose, to_yaml
 from slmkit.stage import write_text
 
 PARAMS = Path("params.yaml")
+# This checkout's conf/ (beside this script), not the conf/ of wherever the slmkit package is installed
+# from: a copy of the repo (a test workspace, a sweep job) composes its own configs.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main(argv: list[str]) -> int:
     check, dry_run = "--check" in argv, "--dry-run" in argv
     overrides = [a for a in argv if a not in ("--check", "--dry-run")]
     try:
-        cfg = compose(overrides)
+        cfg = compose(overrides, conf_dir=CONF_DIR)
         arch.check(cfg)  # LoRA targets exist in the model (built on the meta device, no weights)
         text = to_yaml(cfg)
     except ConfigError as err:

@@ -303,9 +303,10 @@ def test_load_params_invalid_file_names_file_and_key(cfg: Config, tmp_path: Path
 
 @pytest.fixture
 def tmp_repo(tmp_path: Path) -> Path:
-    """A throwaway working directory with the compose script (conf/ is read from the package's CONF_DIR)."""
+    """A throwaway checkout: the compose script and the conf/ beside it (the script composes that one)."""
     (tmp_path / "scripts").mkdir()
     shutil.copy2(COMPOSE_SCRIPT, tmp_path / "scripts" / "compose.py")
+    shutil.copytree(CONF_DIR, tmp_path / "conf")
     return tmp_path
 
 
@@ -546,3 +547,15 @@ def test_schema_defaults_agree_with_every_yaml_that_sets_them():
                 if f.name in raw and raw[f.name] != f.default:
                     problems.append(f"{group}.{f.name}: schema default {f.default!r}, {file.name} sets {raw[f.name]!r}")
     assert not problems, "\n".join(problems)
+
+
+def test_compose_script_reads_the_conf_beside_it_not_the_installed_packages(tmp_repo: Path):
+    """A copy of the repo (a test workspace, a sweep job) composes its own conf/: slmkit may be installed
+    from another checkout, whose conf/ says something else."""
+    conf = tmp_repo / "conf" / "config.yaml"
+    conf.write_text(conf.read_text().replace("- experiment: null", "- experiment: tiny"))
+    result = subprocess.run(
+        [sys.executable, str(tmp_repo / "scripts" / "compose.py")], cwd=tmp_repo, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load((tmp_repo / "params.yaml").read_text())["model"]["name"] == "phi3_tiny"

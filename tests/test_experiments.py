@@ -161,6 +161,8 @@ def test_a_sweep_over_builders_ranks_each_job_by_the_model_it_built(workspace: P
         r = results[override]
         assert "failed" not in r, r
         assert r["objective_model"] == model and r["objective"] == r["metrics"][model]["accuracy"]
-        assert "train" in r["stages"]["reused"] and "quantize" in r["stages"]["ran"], r["stages"]
+        assert "quantize" in r["stages"]["ran"], r["stages"]
+    # One adapter for both builders: whichever job ran second reused the first one's training.
+    assert sum("train" in r["stages"]["ran"] for r in results.values()) <= 1
     summary = (_latest_sweep(workspace) / "summary.md").read_text()
     assert "| fp32_onnx |" in summary and "| int4_onnx |" in summary

@@ -116,7 +116,7 @@ def test_train_workflow_follows_overrides(paths):
             "lora.dropout=0.2",
             "lora.target_modules=[o_proj]",
             "train.learning_rate=0.0005",
-            "train.max_steps=7",
+            "train.max_steps=17",
             "seed=3",
         ]
     )
@@ -128,7 +128,7 @@ def test_train_workflow_follows_overrides(paths):
         ["o_proj"],
     )
     args = lora["training_args"]
-    assert (args["learning_rate"], args["max_steps"], args["seed"]) == (0.0005, 7, 3)
+    assert (args["learning_rate"], args["max_steps"], args["seed"]) == (0.0005, 17, 3)
 
 
 def test_train_workflow_data_configs(cfg: Config, paths):

@@ -231,6 +231,12 @@ def check_values(cfg: Config) -> None:
     _check(t.batch_size > 0, "train.batch_size", "must be > 0")
     _check(t.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be > 0")
     _check(t.logging_steps > 0, "train.logging_steps", "must be > 0")
+    _check(
+        t.logging_steps <= t.max_steps,
+        "train.logging_steps",
+        f"{t.logging_steps} is more than train.max_steps={t.max_steps}: no training loss would be logged; "
+        "lower train.logging_steps",
+    )
     _check(t.eval_steps > 0, "train.eval_steps", "must be > 0")
     _check_choice(t.torch_dtype, "train.torch_dtype", TORCH_DTYPES)
     _check_choice(t.optim, "train.optim", OPTIMIZERS)
