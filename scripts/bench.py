@@ -13,6 +13,7 @@ its own process. Timings are for this machine only: metrics/bench.json records w
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -51,7 +52,8 @@ def machine() -> dict:
 def build_onnx(cfg, builder: str, hf_model: Path, out: Path) -> Path:
     """The quantize stage's Olive ModelBuilder config for `builder` (conf/builder/<builder>.yaml)."""
     cfg = copy.deepcopy(cfg)
-    cfg.builder = compose([f"builder={builder}"]).builder
+    # A plain model folder, no adapter: ModelBuilder builds it as is (the merged path).
+    cfg.builder = dataclasses.replace(compose([f"builder={builder}"]).builder, adapter="merged")
     work = out.with_name(f".olive-{out.name}")
     shutil.rmtree(work, ignore_errors=True)
     output = olive_run.run_workflow(

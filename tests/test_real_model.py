@@ -14,23 +14,21 @@ import pytest
 from workspace import copy_repo, make
 
 from slmkit import inference
-from slmkit.config import load_params
+from slmkit.config import compose, load_params
 from slmkit.data import read_split, sha256_file
 from slmkit.gguf import resolve
 from slmkit.prompt import build_prompt, stop_marker
 
 pytestmark = pytest.mark.slow
 
-# The model's own chat template (ChatML), so the stop marker comes from it; few steps keep it minutes. A
-# 30-step adapter has thinner margins than the default's 120 steps (which passes at 2 points), so the gate
-# runs at 5 points here: the test checks that the gate measures both models, not the recipe's quality.
-ARGS = "ARGS=data=tones_chat train.max_steps=30 train.eval_steps=30 evaluate.parity_tolerance=0.05"
-
-
+# The shipped default, exactly as `make finetune` runs it (data=tones, 120 steps, int4 with the adapter
+# kept apart): the parity gate and the aims are checked on the recipe users get. A 30-step
+# adapter was tried here first: int4 0.5608 vs merged 0.6455 (8.5 points) with the chat template, so the
+# gate only holds for a trained adapter; the chat template's tokens are checked below without a run.
 @pytest.fixture(scope="module")
 def real(tmp_path_factory) -> Path:
     ws = copy_repo(tmp_path_factory.mktemp("real"), tiny=False)
-    result = make("finetune", ws, ARGS)
+    result = make("finetune", ws)
     (ws / "finetune.log").write_text(result.stdout + result.stderr)
     return ws
 
@@ -55,20 +53,21 @@ def test_base_is_the_converted_gguf_with_its_hash(real: Path):
 def test_genai_and_hugging_face_tokenize_every_test_prompt_alike(real: Path):
     from transformers import AutoTokenizer
 
-    cfg = load_params(real / "params.yaml")
     test = read_split(real / "artifacts/prepare/test.jsonl")
     genai = inference.GenaiModel(real / "artifacts/quantize/model")
     hf = AutoTokenizer.from_pretrained(real / "artifacts/merge/model")
-    prompts = [build_prompt(cfg.data, e.text) for e in test]
-    assert [genai.encode(p) for p in prompts] == [hf(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    # No BOS surprise: neither side adds a token the training text did not have.
+    for data in (load_params(real / "params.yaml").data, compose(["data=tones_chat"]).data):
+        prompts = [build_prompt(data, e.text) for e in test]
+        assert [genai.encode(p) for p in prompts] == [hf(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # No BOS surprise: neither side adds a token the text did not have (the chat turn starts <|im_start|>).
     assert genai.encode(prompts[0])[0] == hf.convert_tokens_to_ids("<|im_start|>")
+    assert genai.encode("### Text: x")[0] != hf.bos_token_id
 
 
 def test_label_tokens_and_the_stop_marker_come_from_the_models_template(real: Path):
     from transformers import AutoTokenizer
 
-    cfg = load_params(real / "params.yaml")
+    cfg = compose(["data=tones_chat"])  # the model's own template
     hf = AutoTokenizer.from_pretrained(real / "artifacts/merge/model")
     genai = inference.GenaiModel(real / "artifacts/quantize/model")
     assert stop_marker(cfg.data) == "<|im_end|>"
@@ -86,9 +85,11 @@ def test_label_tokens_and_the_stop_marker_come_from_the_models_template(real: Pa
 def test_parity_gate_and_the_bar(real: Path):
     metrics = json.loads((real / "metrics/eval.json").read_text())
     tolerance = load_params(real / "params.yaml").evaluate.parity_tolerance
-    assert metrics["int4_onnx"]["accuracy"] >= metrics["merged_pytorch"]["accuracy"] - tolerance
-    # A pretrained model adapts in 30 steps well past zero-shot; every output is a label.
-    assert metrics["merged_pytorch"]["accuracy"] > metrics["base_pytorch"]["accuracy"] + 0.1
+    assert tolerance == 0.02
+    int4 = metrics["int4_onnx"]["accuracy"]
+    assert int4 >= metrics["merged_pytorch"]["accuracy"] - tolerance
+    # The aims for the default: >= 0.85, 10 points above bag-of-words, every output a label.
+    assert int4 >= 0.85 and int4 >= metrics["bag_of_words"]["accuracy"] + 0.10
     assert metrics["int4_onnx"]["invalid_rate"] == 0
     assert "Test accuracy" in (real / "finetune.log").read_text()
 
