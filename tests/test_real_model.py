@@ -21,6 +21,7 @@ from slmkit.prompt import build_prompt, stop_marker
 
 pytestmark = pytest.mark.slow
 
+
 # The shipped default, exactly as `make finetune` runs it (data=tones, 120 steps, int4 with the adapter
 # kept apart): the parity gate and the aims are checked on the recipe users get. A 30-step
 # adapter was tried here first: int4 0.5608 vs merged 0.6455 (8.5 points) with the chat template, so the
