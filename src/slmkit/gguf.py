@@ -4,11 +4,11 @@ exactly like a hub snapshot."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.data import sha256_file
 from slmkit.stage import StageError, log
 
 MAGIC = b"GGUF"
@@ -46,14 +46,6 @@ def resolve(path_setting: str) -> Path:
             "or point model.path at a .gguf file",
         )
     return Path(list(spec.submodule_search_locations)[0]) / rel
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inspect(path_setting: str) -> GGUFInfo:
@@ -158,7 +150,7 @@ def convert(path_setting: str, out: Path) -> dict:
     tokenizer.save_pretrained(out)
     return {
         "gguf_file": name,
-        "gguf_sha256": sha256(info.path),
+        "gguf_sha256": sha256_file(info.path),
         "gguf_architecture": info.architecture,
         "gguf_tensor_types": list(info.tensor_types),
         "model_type": config.model_type,
