@@ -59,18 +59,23 @@ def _read_phrases(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, command: str):
+    """The model --model names, or None after printing why it cannot be loaded (the command exits 1)."""
     from slmkit.inference import load
 
-    path, data = _resolve_model(args.model)
-    return load(
-        path,
-        data,
-        max_new_tokens=args.max_new_tokens,
-        decoding=getattr(args, "decoding", DEFAULT_DECODING),
-        batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
-        threads=getattr(args, "threads", 1) or None,
-    )
+    try:
+        path, data = _resolve_model(args.model)
+        return load(
+            path,
+            data,
+            max_new_tokens=args.max_new_tokens,
+            decoding=getattr(args, "decoding", DEFAULT_DECODING),
+            batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
+            threads=getattr(args, "threads", 1) or None,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"slmkit {command}: error: {err}", file=sys.stderr)
+        return None
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -84,10 +89,8 @@ def _classify(args: argparse.Namespace) -> int:
     if not texts:
         print("slmkit classify: give phrases as arguments, with --file, or on stdin", file=sys.stderr)
         return 2
-    try:
-        clf = _load(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"slmkit classify: error: {err}", file=sys.stderr)
+    clf = _load(args, "classify")
+    if clf is None:
         return 1
     # Batches of --batch-size phrases, each printed as soon as it is done. The bar goes to stderr (results
     # stay clean on stdout) and only for files and stdin, on a terminal.
@@ -105,10 +108,8 @@ def _classify(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from slmkit.serve import ServeSettings, serve
 
-    try:
-        clf = _load(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"slmkit serve: error: {err}", file=sys.stderr)
+    clf = _load(args, "serve")
+    if clf is None:
         return 1
     settings = ServeSettings(
         max_phrases=args.max_phrases,
@@ -121,10 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    try:
-        clf = _load(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"slmkit chat: error: {err}", file=sys.stderr)
+    clf = _load(args, "chat")
+    if clf is None:
         return 1
     interactive = not args.message
     messages = [" ".join(args.message)] if args.message else iter(lambda: _prompt_line(), None)
