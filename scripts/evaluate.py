@@ -57,7 +57,7 @@ def run() -> None:
         )
         comparison[name] = {}
         for decoding in decodings:
-            m, model_rows = score(f"{name}", clf, test, decoding, progress_every=e.batch_size)
+            m, model_rows = score(name, clf, test, decoding)
             comparison[name][decoding] = {k: m[k] for k in ("accuracy", "macro_f1", "invalid_rate")}
             comparison[name][decoding]["seconds_per_example"] = m["seconds_per_example"]
             if decoding == e.decoding:

@@ -36,6 +36,7 @@ def run() -> None:
         f"ModelBuilder {cfg.builder.precision}",
         work / "olive.log",
     )
+    olive_run.check_logits(output, cfg.builder.prune_lm_head, work / "olive.log")
     if cfg.builder.adapter == "separate":
         names = olive_run.tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", work / "olive.log")
         matrices = [n for n in names if "lora_A" in n or "lora_B" in n]

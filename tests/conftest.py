@@ -144,7 +144,8 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer, _composed: Config) -> dict
     model.save_pretrained(torch_dir)
     tiny_tokenizer.save_pretrained(torch_dir)
     onnx_dir = root / "onnx"
-    create_model("", str(torch_dir), str(onnx_dir), "int4", "cpu", str(root / "cache"))
+    # The LM head pruned to the last position, as the kit builds (builder.prune_lm_head).
+    create_model("", str(torch_dir), str(onnx_dir), "int4", "cpu", str(root / "cache"), prune_lm_head=True)
     for folder in (torch_dir, onnx_dir):
         save_prompt_config(_composed.data, folder)
     return {"pytorch": torch_dir, "onnx": onnx_dir}

@@ -472,3 +472,29 @@ def test_lora_branch_check_fails_on_a_quantized_or_missing_branch(tmp_path: Path
         check_lora_branches(_onnx_with(tmp_path / "q", quantized), 2, tmp_path / "olive.log")
     with pytest.raises(StageError, match="builder.adapter=merged"):
         check_lora_branches(_onnx_with(tmp_path / "missing", good[:1]), 2, tmp_path / "olive.log")
+
+
+def test_builder_prunes_the_lm_head_unless_told_not_to(paths, olive_passes):
+    workflow = olive_config.quantize_workflow(compose(["builder.adapter=merged"]), paths["merged"], paths["work"])
+    assert _only_pass(workflow)["extra_options"] == {"prune_lm_head": True}
+    _olive_pass_config(workflow, olive_passes)  # Olive's ModelBuilder pass takes extra_options
+    cfg = compose(["builder.adapter=merged", "builder.prune_lm_head=false"])
+    assert "extra_options" not in _only_pass(olive_config.quantize_workflow(cfg, paths["merged"], paths["work"]))
+
+
+def test_logits_check_fails_when_the_build_ignored_prune_lm_head(tiny_model_dirs, tmp_path: Path):
+    """On real ModelBuilder output: the pruned tiny model (conftest) and the same model built without it."""
+    from onnxruntime_genai.models.builder import create_model
+
+    from slmkit.olive_run import check_logits
+    from slmkit.stage import StageError
+
+    pruned = tiny_model_dirs["onnx"]
+    check_logits(pruned, True, tmp_path / "olive.log")
+    with pytest.raises(StageError, match="builder.prune_lm_head=false"):
+        check_logits(pruned, False, tmp_path / "olive.log")
+    full = tmp_path / "full"
+    create_model("", str(tiny_model_dirs["pytorch"]), str(full), "int4", "cpu", str(tmp_path / "cache"))
+    check_logits(full, False, tmp_path / "olive.log")
+    with pytest.raises(StageError, match="'sequence_length' positions.*was not pruned"):
+        check_logits(full, True, tmp_path / "olive.log")

@@ -175,9 +175,14 @@ def test_load_prompt_config_missing_file(tmp_path: Path):
 class _EchoModel:
     """Stands in for a model: records what it was asked and answers with a fixed output."""
 
+    one_length_batches = False
+
     def __init__(self, output: str):
         self.output = output
         self.calls: list[tuple[str, int, str | None]] = []
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
 
     def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
         self.calls.append((prompt, max_new_tokens, stop))

@@ -13,6 +13,8 @@ from slmkit.stage import EVAL_JSON, stage_dir
 
 DEFAULT_MODEL = stage_dir("quantize") / "model"
 # --model accepts a folder or one of these names for the pipeline's outputs.
+# Phrases of a file classified before their labels are printed (in input order).
+PRINT_CHUNK = 1024
 MODEL_NAMES = {"int4": DEFAULT_MODEL, "onnx": DEFAULT_MODEL, "merged": stage_dir("merge") / "model", "base": None}
 
 
@@ -92,11 +94,12 @@ def _classify(args: argparse.Namespace) -> int:
     clf = _load(args, "classify")
     if clf is None:
         return 1
-    # Batches of --batch-size phrases, each printed as soon as it is done. The bar goes to stderr (results
-    # stay clean on stdout) and only for files and stdin, on a terminal.
+    # Printed a chunk at a time, in input order: a chunk is large enough for the classifier to fill its
+    # batches with phrases of one token length. The bar goes to stderr (results stay clean on stdout) and
+    # only for files and stdin, on a terminal.
     with tqdm(total=len(texts), desc="classify", unit="phrase", disable=None if not args.text else True) as bar:
-        for start in range(0, len(texts), args.batch_size):
-            for pred in clf.classify(texts[start : start + args.batch_size], progress=bar.update):
+        for start in range(0, len(texts), PRINT_CHUNK):
+            for pred in clf.classify(texts[start : start + PRINT_CHUNK], progress=bar.update):
                 if args.json:
                     row = {"text": pred.text, "label": pred.label, "output": pred.output}
                     print(json.dumps(row, ensure_ascii=False), flush=True)

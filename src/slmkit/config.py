@@ -128,6 +128,9 @@ class BuilderConfig:
     int4_accuracy_level: int | None = None
     # merged | separate (ADAPTER_MODES); separate keeps int4 rounding off the adapter's weights.
     adapter: str = MISSING
+    # ModelBuilder's prune_lm_head: the LM head scores the last position only (classification and decoding
+    # read nothing else; on SmolLM2-135M it is a fifth of each token's work). The quantize stage checks it.
+    prune_lm_head: bool = MISSING
 
 
 @dataclass

@@ -59,11 +59,17 @@ def score(
 ) -> tuple[dict, list[dict]]:
     """Classify the test split with one decoding; return (metrics, per-example rows)."""
     start = time.perf_counter()
-    preds = []
-    for i in range(0, len(test), progress_every):
-        chunk = test[i : i + progress_every]
-        preds += clf.classify([e.text for e in chunk], decoding=decoding)
-        log.info("%s (%s decoding): %d/%d classified", name, decoding, len(preds), len(test))
+    classified = logged = 0
+
+    def progress(n: int) -> None:
+        nonlocal classified, logged
+        classified += n
+        if classified - logged >= progress_every or classified == len(test):
+            log.info("%s (%s decoding): %d/%d classified", name, decoding, classified, len(test))
+            logged = classified
+
+    # All at once: the classifier forms its batches from phrases of like token lengths.
+    preds = clf.classify([e.text for e in test], decoding=decoding, progress=progress)
     seconds = time.perf_counter() - start
     metrics = report([e.label for e in test], [p.label for p in preds], list(clf.data.labels))
     metrics["seconds_per_example"] = round(seconds / len(test), 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,11 @@ def label_token_ids(encode, data: DataConfig, prompt: str, eos_id: int) -> tuple
     return candidates, end_id
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity; a container may allow fewer than the host has)."""
+    return len(os.sched_getaffinity(0))
+
+
 class _NeedsMore(Exception):
     """The batch's first-token logits did not settle the label: decode this prompt on its own."""
 
@@ -99,29 +105,30 @@ class GenaiModel:
     """An onnxruntime-genai model folder (genai_config.json), decoded greedily."""
 
     kind = "onnx"
+    # A batch holds prompts of one token length (_batch_generator says why).
+    one_length_batches = True
 
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime_genai as og
 
-        self._og = og
+        self.og = og
         config = og.Config(str(path))
-        if threads:  # else onnxruntime's default: one thread per core
-            options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        # Set always: left to itself, onnxruntime-genai 0.14.1 ran at one thread's speed on 2 cores here.
+        options = {"intra_op_num_threads": threads or cores(), "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         spec = json.loads((Path(path) / "genai_config.json").read_text(encoding="utf-8"))["model"]
         eos = spec["eos_token_id"]
         self.eos_ids = {int(i) for i in eos} if isinstance(eos, list) else {int(eos)}
         self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
-        self.pad_id = int(spec.get("pad_token_id", self.eos_id))
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
 
     def constrained(self, prompt: str, data: DataConfig) -> str:
         """The label that greedy decoding restricted to the label set writes after `prompt`."""
-        og = self._og
+        og = self.og
         candidates, end_id = label_token_ids(self.encode, data, prompt, self.eos_id)
         ids = self.encode(prompt)
         params = og.GeneratorParams(self.model)
@@ -136,24 +143,23 @@ class GenaiModel:
         return data.labels[pick_label(candidates, end_id, gen.get_logits()[0, -1], advance)]
 
     def _batch_generator(self, rows: list[list[int]], new_tokens: int):
-        """A generator fed a right-padded batch of prompts (genai masks genai_config's pad_token_id).
+        """A generator fed a batch of prompts of one token length (no padding).
 
-        Right, not left: the int4 CPU model's attention (GroupQueryAttention) takes each row's length from
-        the mask and places its rotary positions from the start, so with 0.14.1 a left-padded row's logits
-        moved by ~0.2 while right-padded rows matched one at a time exactly (tests/test_batch.py checks).
-        get_logits() then gives each row's logits after its own last token.
+        One length, because with builder.prune_lm_head the model scores only the batch's last column, which
+        would be padding for a shorter row; and without it 0.14.1's attention (GroupQueryAttention) moved a
+        left-padded row's logits by ~0.2. Classifier.classify forms such batches.
         """
         import numpy as np
 
-        og = self._og
-        width = max(map(len, rows))
-        batch = np.full((len(rows), width), self.pad_id, dtype=np.int32)
-        for i, row in enumerate(rows):
-            batch[i, : len(row)] = row
+        if len({len(row) for row in rows}) != 1:
+            raise ValueError(
+                f"an onnxruntime-genai batch holds prompts of one token length, got {sorted({len(r) for r in rows})}"
+            )
+        og = self.og
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=width + new_tokens, do_sample=False, batch_size=len(rows))
+        params.set_search_options(max_length=len(rows[0]) + new_tokens, do_sample=False, batch_size=len(rows))
         gen = og.Generator(self.model, params)
-        gen.append_tokens(batch)
+        gen.append_tokens(np.asarray(rows, dtype=np.int32))
         return gen
 
     def first_logits(self, prompts: list[list[int]]):
@@ -178,7 +184,7 @@ class GenaiModel:
         return [self.tokenizer.decode(out) for out in outs]
 
     def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
-        og = self._og
+        og = self.og
         ids = self.tokenizer.encode(prompt)
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
@@ -197,13 +203,14 @@ class TorchModel:
     """A Hugging Face PyTorch model folder, decoded greedily with `generate`."""
 
     kind = "pytorch"
+    # Left padding with a mask and position ids: rows of any lengths batch together.
+    one_length_batches = False
 
     def __init__(self, path: Path, trust_remote_code: bool = False, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if threads:  # process-wide in PyTorch; else its default, one thread per core
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or cores())  # process-wide in PyTorch
         self.threads = torch.get_num_threads()
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -315,27 +322,40 @@ class Classifier:
         """
         decoding = decoding or self.decoding
         size = batch_size or self.batch_size
-        # Batches of similar lengths waste less on padding (each row's result does not depend on its
-        # neighbours); the predictions come back in the order of `texts`.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if size > 1 else list(range(len(texts)))
+        prompts = [build_prompt(self.data, t) for t in texts]
         preds: list[Prediction | None] = [None] * len(texts)
-        for start in range(0, len(texts), size):
-            chunk = [texts[i] for i in order[start : start + size]]
+        for batch in self.batches(prompts, size):
+            chunk = [prompts[i] for i in batch]
             outs = self._decode_one(chunk[0], decoding) if size == 1 else self._decode_batch(chunk, decoding)
-            for i, text, out in zip(order[start : start + size], chunk, outs, strict=True):
-                preds[i] = Prediction(text=text, label=parse_output(self.data, out), output=out)
+            for i, out in zip(batch, outs, strict=True):
+                preds[i] = Prediction(text=texts[i], label=parse_output(self.data, out), output=out)
             if progress:
-                progress(len(chunk))
+                progress(len(batch))
         return preds  # type: ignore[return-value]
 
-    def _decode_one(self, text: str, decoding: str) -> list[str]:
-        prompt = build_prompt(self.data, text)
+    def batches(self, prompts: list[str], size: int | None = None) -> list[list[int]]:
+        """Indices of `prompts`, at most `size` a batch: prompts of similar token lengths together (less
+        padding; each row's result does not depend on its neighbours), and of one length where the
+        backend needs it (one_length_batches). size 1 keeps the input order; None: the classifier's."""
+        size = size or self.batch_size
+        if size == 1:
+            return [[i] for i in range(len(prompts))]
+        lengths = [len(self.model.encode(p)) for p in prompts]
+        batches: list[list[int]] = []
+        for i in sorted(range(len(prompts)), key=lambda i: lengths[i]):
+            last = batches[-1] if batches else None
+            if last is None or len(last) == size or (self.model.one_length_batches and lengths[last[0]] != lengths[i]):
+                batches.append([i])
+            else:
+                last.append(i)
+        return batches
+
+    def _decode_one(self, prompt: str, decoding: str) -> list[str]:
         if decoding == "constrained":
             return [self.model.constrained(prompt, self.data)]
         return [self.model.generate(prompt, self.max_new_tokens, stop=stop_marker(self.data))]
 
-    def _decode_batch(self, texts: list[str], decoding: str) -> list[str]:
-        prompts = [build_prompt(self.data, t) for t in texts]
+    def _decode_batch(self, prompts: list[str], decoding: str) -> list[str]:
         if decoding == "stop":
             return self.model.generate_batch(prompts, self.max_new_tokens, stop=stop_marker(self.data))
         return [self.data.labels[i] for i in self.constrained_batch(prompts)[0]]
@@ -388,7 +408,7 @@ def load(
 ) -> Classifier:
     """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder.
 
-    `threads`: compute threads (None: the runtime's default, one per core).
+    `threads`: compute threads (None: one per core this process may use).
     """
     path = Path(path)
     if not path.is_dir():

@@ -211,6 +211,8 @@ def builder_pass(cfg: Config, keep_out_of_int4: list[str] | None = None) -> dict
         olive_pass["int4_accuracy_level"] = b.int4_accuracy_level
         if keep_out_of_int4:
             olive_pass["int4_nodes_to_exclude"] = keep_out_of_int4
+    if b.prune_lm_head:
+        olive_pass["extra_options"] = {"prune_lm_head": True}
     return olive_pass
 
 

@@ -169,6 +169,25 @@ def check_lora_branches(model: Path, expected: int, log_path: Path) -> None:
         )
 
 
+def check_logits(model: Path, pruned: bool, log_path: Path) -> None:
+    """Fail unless the model's logits cover the positions the config asked for: the last one alone with
+    builder.prune_lm_head (ModelBuilder ignores the option, e.g. beside exclude_lm_head, and exits 0)."""
+    import onnx
+
+    graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
+    outputs = {o.name: o.type.tensor_type.shape.dim for o in graph.output}
+    if "logits" not in outputs:
+        raise StageError(f"ModelBuilder wrote {model / 'model.onnx'} without a logits output.\n  full log: {log_path}")
+    positions = outputs["logits"][1]
+    if pruned != (positions.dim_value == 1):
+        got = positions.dim_value or positions.dim_param
+        raise StageError(
+            f"ModelBuilder wrote {model / 'model.onnx'} with logits over {got!r} positions, but "
+            f"builder.prune_lm_head={str(pruned).lower()}: the LM head was {'not ' if pruned else ''}pruned to "
+            f"the last position.\n{_relevant_lines(log_path)}\n  full log: {log_path}"
+        )
+
+
 def scratch_dir(stage: str) -> Path:
     """Where a stage runs Olive (artifacts/.olive-<stage>)."""
     return stage_dir(stage).with_name(f".olive-{stage}")

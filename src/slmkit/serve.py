@@ -101,16 +101,15 @@ class Batcher:
     def classify(self, phrases: list[str]) -> list[dict]:
         """Label and per-label scores for each phrase (blocking; the worker thread runs it)."""
         clf, labels = self.clf, list(self.clf.data.labels)
-        results = []
+        prompts = [build_prompt(clf.data, p) for p in phrases]
+        results: list[dict] = [{} for _ in phrases]
         with self.model_lock:
-            for start in range(0, len(phrases), clf.batch_size):
-                chunk = phrases[start : start + clf.batch_size]
-                picks, scores = clf.constrained_batch([build_prompt(clf.data, p) for p in chunk])
-                for text, pick, row in zip(chunk, picks, scores, strict=True):
-                    result = {"text": text, "label": labels[pick]}
+            for batch in clf.batches(prompts):
+                picks, scores = clf.constrained_batch([prompts[i] for i in batch])
+                for i, pick, row in zip(batch, picks, scores, strict=True):
+                    results[i] = {"text": phrases[i], "label": labels[pick]}
                     if row is not None:
-                        result["scores"] = dict(zip(labels, row, strict=True))
-                    results.append(result)
+                        results[i]["scores"] = dict(zip(labels, row, strict=True))
         return results
 
     async def start(self) -> None:
