@@ -23,7 +23,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
 .PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify serve chat \
-	report bench bench-serve bench-overhead push pull lineage test test-fast lint clean \
+	report bench bench-serve bench-train bench-overhead push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -96,6 +96,9 @@ bench: env ## Latency/speed/memory/size: int4 ONNX vs fp32 ONNX vs PyTorch, tiny
 
 bench-serve: env ## Batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 16 clients on 127.0.0.1 -> metrics/bench.json
 	$(PY) scripts/bench.py --serve
+
+bench-train: env ## The train stage's training vs a plain Hugging Face + PEFT loop on the same batches -> metrics/bench.json
+	$(PY) scripts/bench.py --train
 
 bench-overhead: env ## Kit pipeline time vs the same Olive configs by bare `olive run` -> metrics/bench.json
 	$(PY) scripts/bench.py --overhead

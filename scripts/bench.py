@@ -1,10 +1,11 @@
 """`make bench`: latency, decode speed, memory and size of int4 ONNX vs fp32 ONNX vs PyTorch; pipeline overhead.
 
-    python scripts/bench.py                 # tiny pipeline models + medium Phi-3-layout model -> metrics/bench.json
+    python scripts/bench.py                 # the pipeline's models + medium Phi-3-layout model -> metrics/bench.json
     python scripts/bench.py --overhead      # kit's train+merge+quantize vs the same Olive configs by `olive run`
     python scripts/bench.py --serve         # batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 16 clients
+    python scripts/bench.py --train         # the train stage's training vs a plain HF + PEFT loop, same batches
 
-The tiny models are the pipeline's own (artifacts/merge/model, artifacts/quantize/model) plus an fp32
+The pipeline models are the last run's (artifacts/merge/model, artifacts/quantize/model) plus an fp32
 ONNX build of the merged model. The medium model has the real Phi-3 layout (vocab 32064) at ~220 M
 parameters with random weights, built once into artifacts/bench/ and converted by the same Olive
 ModelBuilder configs as the quantize stage. Every model is measured on the same test phrases, each in
@@ -115,12 +116,13 @@ def latency(args) -> dict:
     out: dict = {"machine": machine(), "phrases": len(prompts), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if cfg.builder.precision != "int4":
         raise StageError("make bench compares the int4 model: run `make finetune` with builder=int4_cpu first")
-    tiny = {
+    # The pipeline's own model (the shipped default: SmolLM2-135M), in its three forms.
+    pipeline = {
         "int4_onnx": stage_dir("quantize") / "model",
-        "fp32_onnx": build_onnx(cfg, "fp32_cpu", stage_dir("merge") / "model", BENCH_DIR / "tiny_fp32"),
+        "fp32_onnx": build_onnx(cfg, "fp32_cpu", stage_dir("merge") / "model", BENCH_DIR / "pipeline_fp32"),
         "pytorch": stage_dir("merge") / "model",
     }
-    out["tiny"] = measure_all(tiny, prompts, args)
+    out["pipeline"] = {"model": cfg.model.name, **measure_all(pipeline, prompts, args)}
     if args.layout != "none":
         h, n, heads, inter, vocab = (int(x) for x in args.layout.split(","))
         layout = bench.MediumModel(h, n, heads, inter, vocab)
@@ -130,7 +132,8 @@ def latency(args) -> dict:
     return out
 
 
-def _timed(cmd: list[str]) -> float:
+def _timed(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds of a command, and its standard output."""
     # CI=1: Olive then skips its heartbeat, as the kit does (olive_run.opt_out_of_telemetry); without it
     # a bare `olive run` waits ~12 s at exit trying to send it, which is no part of the work compared.
     env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "CI": "1"}
@@ -139,23 +142,84 @@ def _timed(cmd: list[str]) -> float:
     seconds = time.perf_counter() - start
     if result.returncode:
         raise StageError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return seconds
+    return seconds, result.stdout
 
 
-def overhead() -> dict:
-    """The kit's train+merge+quantize (forced `dvc repro`) vs `olive run` on the same three workflow configs."""
+def _rendered_splits(cfg, base: str, work: Path) -> None:
+    """The train and val splits as the train stage hands them to Olive: work/train.jsonl, work/val.jsonl."""
     from transformers import AutoTokenizer
 
-    cfg = load_params()
-    base = read_json(stage_dir("base") / "base.json")["model_path"]
     eos = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code).eos_token
-    work = (BENCH_DIR / "bare_olive").resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for split in ("train", "val"):
         olive_config.render_split(
             cfg.data, read_split(stage_dir("prepare") / f"{split}.jsonl"), eos, work / f"{split}.jsonl"
         )
+
+
+def training(steps: int) -> dict:
+    """Steady seconds per step of the train stage's Olive LoRA pass and of a plain HF + PEFT loop
+    (slmkit.plain_lora) on the same batches: each side runs `steps` and 2 x `steps` steps in its own process,
+    interleaved, and (time(2N) - time(N)) / N cancels what is paid once (imports, model load, the one
+    evaluation at the end)."""
+    cfg = load_params()
+    base = read_json(stage_dir("base") / "base.json")["model_path"]
+    work = (BENCH_DIR / "train").resolve()
+    _rendered_splits(cfg, base, work)
+    olive = str(Path(sys.executable).with_name("olive"))
+    seconds: dict[str, dict[int, float]] = {"kit": {}, "plain": {}}
+    tokens: dict[int, int] = {}
+    losses: dict[int, dict] = {}  # the logged loss windows of each side: equal when the batches are
+    for n in (steps, 2 * steps):
+        run_cfg = copy.deepcopy(cfg)
+        t = run_cfg.train
+        t.max_steps, t.eval_steps, t.logging_steps = n, n, min(t.logging_steps, n)
+        config = olive_config.train_workflow(run_cfg, base, work / "train.jsonl", work / "val.jsonl", work / f"kit{n}")
+        path = work / f"kit{n}.json"
+        path.write_text(json.dumps(config, indent=2))
+        seconds["kit"][n], _ = _timed([olive, "run", "--config", str(path)])
+        plain_cmd = [sys.executable, "-m", "slmkit.plain_lora", base, str(work / "train.jsonl"), "--steps", str(n)]
+        plain, out = _timed(plain_cmd)
+        seconds["plain"][n] = plain
+        plain_run = json.loads(out.strip().splitlines()[-1])
+        tokens[n] = plain_run["tokens"]
+        (state,) = (work / f"kit{n}" / "checkpoints").glob("checkpoint-*/trainer_state.json")
+        kit_loss = [round(e["loss"], 4) for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+        losses[n] = {"kit": kit_loss, "plain": plain_run["logged_loss"]}
+        log.info("%d steps: kit (Olive LoRA pass) %.1f s, plain HF + PEFT loop %.1f s", n, seconds["kit"][n], plain)
+    shutil.rmtree(work, ignore_errors=True)
+    steady_tokens = tokens[2 * steps] - tokens[steps]
+    result: dict = {}
+    for side, times in seconds.items():
+        per_step = (times[2 * steps] - times[steps]) / steps
+        result[side] = {
+            "seconds": {str(n): round(s, 1) for n, s in times.items()},
+            "seconds_per_step": round(per_step, 3),
+            "tokens_per_s": round(steady_tokens / (per_step * steps), 1),
+        }
+    result["logged_loss"] = {str(n): pair for n, pair in losses.items()}
+    result["kit_vs_plain_per_step"] = round(result["kit"]["seconds_per_step"] / result["plain"]["seconds_per_step"], 3)
+    t = cfg.train
+    result["settings"] = {
+        "model": cfg.model.name,
+        "steps": [steps, 2 * steps],
+        "batch_size": t.batch_size,
+        "torch_dtype": t.torch_dtype,
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.target_modules or [])},
+        "tokens_per_step": round(steady_tokens / steps, 1),
+    }
+    result.update(machine=machine(), load_average=round(os.getloadavg()[0], 2))
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return result
+
+
+def overhead() -> dict:
+    """The kit's train+merge+quantize (forced `dvc repro`) vs `olive run` on the same three workflow configs."""
+    cfg = load_params()
+    base = read_json(stage_dir("base") / "base.json")["model_path"]
+    work = (BENCH_DIR / "bare_olive").resolve()
+    _rendered_splits(cfg, base, work)
     olive = str(Path(sys.executable).with_name("olive"))
     configs = {
         "train": olive_config.train_workflow(cfg, base, work / "train.jsonl", work / "val.jsonl", work / "train"),
@@ -168,8 +232,8 @@ def overhead() -> dict:
     for name, config in configs.items():
         path = work / f"{name}.json"
         path.write_text(json.dumps(config, indent=2))
-        bare[name] = round(_timed([olive, "run", "--config", str(path)]), 1)
-        kit[name] = round(_timed([dvc, "repro", "--force", "--single-item", name]), 1)
+        bare[name] = round(_timed([olive, "run", "--config", str(path)])[0], 1)
+        kit[name] = round(_timed([dvc, "repro", "--force", "--single-item", name])[0], 1)
         load[name] = round(os.getloadavg()[0], 2)
         log.info("%s: bare olive run %.1f s, kit (dvc repro -f -s %s) %.1f s", name, bare[name], name, kit[name])
     shutil.rmtree(work, ignore_errors=True)
@@ -190,13 +254,21 @@ def serving(args) -> dict:
     """Batched vs one-at-a-time classification (both backends), then `slmkit serve` under load (int4)."""
     cfg = load_params()
     texts = [e.text for e in read_split(stage_dir("prepare") / "test.jsonl")]
+    # Every phrase of the shipped data (all three splits), repeated up to --batch-phrases.
+    phrases = [
+        e.text for split in ("train", "val", "test") for e in read_split(stage_dir("prepare") / f"{split}.jsonl")
+    ]
+    phrases = (phrases * (args.batch_phrases // len(phrases) + 1))[: args.batch_phrases]
     out: dict = {"machine": machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     models = {"int4_onnx": stage_dir("quantize") / "model", "merged_pytorch": stage_dir("merge") / "model"}
+    runs = {
+        "int4_onnx": [(None, "constrained"), (1, "constrained"), (None, "stop")],
+        "merged_pytorch": [(None, "constrained")],
+    }
     out["batch_vs_loop"] = {}
     for name, path in models.items():
-        # The runtime's default threads (one per core) first: PyTorch's setting is process-wide, one-way.
-        for threads, decoding in ((None, "constrained"), (1, "constrained"), (1, "stop")):
-            result = bench.batch_vs_loop(path, texts[: args.batch_phrases], cfg.evaluate.batch_size, threads, decoding)
+        for threads, decoding in runs[name]:  # threads None: one per core
+            result = bench.batch_vs_loop(path, phrases, cfg.evaluate.batch_size, threads, decoding)
             out["batch_vs_loop"].setdefault(name, []).append(result)
             log.info("%s batched vs one at a time: %s", name, result)
     port = bench.free_port()
@@ -233,7 +305,11 @@ def run() -> None:
     parser.add_argument(
         "--serve", action="store_true", help="batched vs one-at-a-time classify, and `slmkit serve` under load"
     )
-    parser.add_argument("--batch-phrases", type=int, default=96, help="--serve: test phrases classified both ways")
+    parser.add_argument(
+        "--train", action="store_true", help="the train stage's training vs a plain HF + PEFT loop, same batches"
+    )
+    parser.add_argument("--train-steps", type=int, default=20, help="--train: N of the N and 2N step runs")
+    parser.add_argument("--batch-phrases", type=int, default=1000, help="--serve: phrases classified both ways")
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=500, help="--serve: requests per concurrency level")
     parser.add_argument("--max-seconds", type=float, default=60, help="--serve: time cap per concurrency level")
@@ -244,6 +320,8 @@ def run() -> None:
         results["overhead"] = overhead()
     elif args.serve:
         results["serving"] = serving(args)
+    elif args.train:
+        results["training"] = training(args.train_steps)
     else:
         results.update(latency(args))
     write_json(args.out, results)

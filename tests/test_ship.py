@@ -77,7 +77,7 @@ def test_bench_runs_and_writes_ratios(workspace: Path, tmp_path: Path):
     args = ["--phrases", "2", "--repeats", "1", "--decode-tokens", "4", "--layout", "64,1,2,128,2112"]
     run([sys.executable, "scripts/bench.py", *args, "--out", str(out)], workspace)
     bench = json.loads(out.read_text())
-    for size in ("tiny", "medium"):
+    for size in ("pipeline", "medium"):
         for name in ("int4_onnx", "fp32_onnx", "pytorch"):
             m = bench[size][name]
             assert (

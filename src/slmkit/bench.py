@@ -82,21 +82,17 @@ def percentile(values: list[float], q: float) -> float:
 
 class _Genai:
     def __init__(self, path: Path, threads: int):
-        import onnxruntime_genai as og
+        from slmkit.inference import GenaiModel
 
-        self.og = og
-        config = og.Config(str(path))
-        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
+        self.genai = GenaiModel(path, threads=threads)  # loaded and threaded as slmkit.load does
+        self.model = self.genai.model
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+        return self.genai.encode(text)
 
     def run(self, ids: list[int], new_tokens: int) -> list[float]:
         """Greedy-generate exactly `new_tokens` tokens; return the time stamp of each."""
-        og = self.og
+        og = self.genai.og
         params = og.GeneratorParams(self.model)
         n = len(ids) + new_tokens
         params.set_search_options(max_length=n, min_length=n, do_sample=False)
@@ -243,7 +239,7 @@ def batch_vs_loop(
 
     Fails if a label differs: a batch must give what one at a time gives.
     """
-    from slmkit.inference import load
+    from slmkit.inference import cores, load
 
     clf = load(path, batch_size=batch_size, threads=threads, decoding=decoding)
     clf.classify(texts[:batch_size])  # warm-up of both paths (first calls allocate)
@@ -261,7 +257,7 @@ def batch_vs_loop(
         "phrases": len(texts),
         "decoding": decoding,
         "batch_size": batch_size,
-        "threads": getattr(clf.model, "threads", None) or threads or os.cpu_count(),
+        "threads": threads or cores(),
         "loop_ms_per_phrase": round(1000 * loop_s / len(texts), 2),
         "batch_ms_per_phrase": round(1000 * batch_s / len(texts), 2),
         "speedup": round(loop_s / batch_s, 2),

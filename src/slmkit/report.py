@@ -57,10 +57,10 @@ def confusion_figure(models: dict[str, dict]):
 
 
 def bench_figure(bench: dict):
-    """Decode speed and size on disk for each model format, tiny and medium side by side."""
+    """Decode speed and size on disk for each model format, the pipeline's model and the medium one side by side."""
     import matplotlib.pyplot as plt
 
-    sizes = [s for s in ("tiny", "medium") if s in bench]
+    sizes = [s for s in ("pipeline", "medium") if s in bench]
     fig, axes = plt.subplots(2, len(sizes), figsize=(4.6 * len(sizes), 6.0), squeeze=False)
     for col, size in enumerate(sizes):
         names = [n for n in ("pytorch", "fp32_onnx", "int4_onnx") if n in bench[size]]
@@ -204,13 +204,14 @@ def render(
         )
         keys = ["latency_p50_ms", "latency_p95_ms", "ttft_p50_ms", "decode_tokens_per_s", "peak_rss_mb", "size_mb"]
         keys.append("load_average")
-        for size in ("tiny", "medium"):
+        for size in ("pipeline", "medium"):
             if size not in bench:
                 continue
             names = [n for n in ("pytorch", "fp32_onnx", "int4_onnx") if n in bench[size]]
             rows = [[n] + [bench[size][n].get(k, "") for k in keys] for n in names]
             layout = bench[size].get("layout")
-            extra = f" (random weights, Phi-3 layout: {_layout(layout)})" if layout else ""
+            model = bench[size].get("model")
+            extra = f" (random weights, Phi-3 layout: {_layout(layout)})" if layout else f" ({model})"
             parts.append(f"<h3>{size} model{html.escape(extra)}</h3>")
             parts.append(
                 _table(
