@@ -9,7 +9,8 @@ Every model gets the same prompt (slmkit.prompt) and is scored with `evaluate.de
 constrained to the label set), into metrics/eval.json's `decoding_comparison`. A bag-of-words logistic
 regression on the same split is the bar the fine-tuned model should clear. The stage fails (after writing
 its metrics) when the quantized model's accuracy is more than `evaluate.parity_tolerance` below the merged
-model's.
+model's. Seconds per phrase of each model and decoding go to artifacts/runs/evaluate/timings.json, outside the
+DVC outputs (they differ on every run).
 """
 
 import json
@@ -17,7 +18,7 @@ import json
 from slmkit import inference, lineage
 from slmkit.config import DECODINGS, load_params
 from slmkit.data import read_split
-from slmkit.evaluate import INVALID, bag_of_words_baseline, parity_gate, score
+from slmkit.evaluate import INVALID, TIMINGS_FILE, bag_of_words_baseline, parity_gate, score
 from slmkit.stage import (
     CONFUSION_DIR,
     EVAL_JSON,
@@ -48,6 +49,7 @@ def run() -> None:
     }
     metrics: dict = {"decoding": e.decoding}
     comparison: dict = {}
+    timings: dict = {"threads": e.threads, "batch_size": e.batch_size, "seconds_per_example": {}}
     rows: list[dict] = [{"text": ex.text, "label": ex.label} for ex in test]
     # The configured decoding first: its rows and metrics are the headline ones.
     decodings = [e.decoding] + ([d for d in DECODINGS if d != e.decoding] if e.compare_decodings else [])
@@ -57,9 +59,9 @@ def run() -> None:
         )
         comparison[name] = {}
         for decoding in decodings:
-            m, model_rows = score(name, clf, test, decoding)
+            m, model_rows, seconds = score(name, clf, test, decoding)
             comparison[name][decoding] = {k: m[k] for k in ("accuracy", "macro_f1", "invalid_rate")}
-            comparison[name][decoding]["seconds_per_example"] = m["seconds_per_example"]
+            timings["seconds_per_example"].setdefault(name, {})[decoding] = seconds
             if decoding == e.decoding:
                 metrics[name] = m
                 for row, new in zip(rows, model_rows, strict=True):
@@ -83,6 +85,7 @@ def run() -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         lineage.write(out, "evaluate", cfg, ("seed", "data", "model", "lora", "train", "builder", "evaluate"))
         write_json(EVAL_JSON, metrics)
+        write_json(lineage.run_dir("evaluate") / TIMINGS_FILE, timings)
         for name in paths:  # one row per test phrase: DVC's confusion template counts them
             lines = [f"{r['label']},{r[f'{name}_pred'] or INVALID}\n" for r in rows]
             write_text(CONFUSION_DIR / f"{name}.csv", "actual,predicted\n" + "".join(lines))

@@ -12,6 +12,7 @@ from pathlib import Path
 from slmkit import lineage
 from slmkit.bench import folder_size
 from slmkit.config import load_params
+from slmkit.evaluate import TIMINGS_FILE
 from slmkit.report import render
 from slmkit.stage import EVAL_JSON, METRICS, TRAIN_LOSS_CSV, StageError, log, main, read_json, stage_dir, write_text
 
@@ -28,9 +29,13 @@ def run() -> None:
         "int4/ONNX (artifacts/quantize/model)": model,
         "merged PyTorch (artifacts/merge/model)": stage_dir("merge") / "model",
     }
+    eval_metrics = read_json(EVAL_JSON)
+    timings = lineage.run_dir("evaluate") / TIMINGS_FILE  # absent when the run came from a DVC cache or remote
+    seconds = read_json(timings)["seconds_per_example"] if timings.exists() else {}
     page, figures = render(
         title=f"slmkit run report, {time.strftime('%Y-%m-%d %H:%M')}",
-        eval_metrics=read_json(EVAL_JSON),
+        eval_metrics=eval_metrics,
+        eval_seconds={name: by[eval_metrics["decoding"]] for name, by in seconds.items()},
         loss_csv=TRAIN_LOSS_CSV,
         lineage_text=lineage.format_chain(records) if records else "(no lineage records)",
         params_text=Path("params.yaml").read_text(encoding="utf-8"),

@@ -58,6 +58,11 @@ def test_eval_has_three_models_in_depth_and_confusion_plots(workspace: Path):
     # Constrained decoding (the default) always writes a label; the comparison is opt-in.
     assert metrics["decoding"] == "constrained" and "decoding_comparison" not in metrics
     assert all(metrics[name]["invalid_rate"] == 0 for name in ("base_pytorch", "merged_pytorch", "int4_onnx"))
+    # Times differ on every run: in the run record, not in the DVC metrics (whose hash would change each time).
+    assert "seconds" not in json.dumps(metrics)
+    timings = json.loads((workspace / "artifacts/runs/evaluate/timings.json").read_text())["seconds_per_example"]
+    assert set(timings) == {"base_pytorch", "merged_pytorch", "int4_onnx"}
+    assert all(t["constrained"] > 0 for t in timings.values())
     shown = run([str(Path(sys.executable).with_name("dvc")), "plots", "show", "--json"], workspace).stdout
     assert "metrics/confusion/int4_onnx.csv" in shown
 

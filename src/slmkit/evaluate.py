@@ -54,10 +54,16 @@ def report(gold: list[str], pred: list[str | None], labels: list[str]) -> dict:
     }
 
 
+# The evaluate stage's seconds per phrase, by model and decoding, in its run folder (slmkit.lineage.run_dir).
+TIMINGS_FILE = "timings.json"
+
+
 def score(
     name: str, clf: Classifier, test: list[Example], decoding: str, progress_every: int = 50
-) -> tuple[dict, list[dict]]:
-    """Classify the test split with one decoding; return (metrics, per-example rows)."""
+) -> tuple[dict, list[dict], float]:
+    """Classify the test split with one decoding; return (metrics, per-example rows, seconds per example).
+
+    The time is apart from the metrics: it differs on every run, the metrics do not (DVC tracks them)."""
     start = time.perf_counter()
     classified = logged = 0
 
@@ -72,9 +78,8 @@ def score(
     preds = clf.classify([e.text for e in test], decoding=decoding, progress=progress)
     seconds = time.perf_counter() - start
     metrics = report([e.label for e in test], [p.label for p in preds], list(clf.data.labels))
-    metrics["seconds_per_example"] = round(seconds / len(test), 5)
     rows = [{f"{name}_pred": p.label, f"{name}_output": p.output} for p in preds]
-    return metrics, rows
+    return metrics, rows, round(seconds / len(test), 5)
 
 
 def parity_gate(quantized: str, quantized_acc: float, reference: str, reference_acc: float, tolerance: float) -> None:
