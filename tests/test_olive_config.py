@@ -232,9 +232,17 @@ def test_olive_training_args_carry_the_config(olive_training_args, cfg: Config):
     assert args.max_grad_norm == t.max_grad_norm
     assert args.logging_steps == t.logging_steps
     assert args.eval_steps == t.eval_steps
+    assert args.train_sampling_strategy == t.sampling
     # One checkpoint, at the last step (its trainer_state.json holds the loss curve).
     assert args.save_steps == t.max_steps
     assert args.save_total_limit == 1
+
+
+def test_grouped_sampling_reaches_the_trainer(tmp_path: Path, olive_passes):
+    cfg = compose(["train.sampling=group_by_length"])
+    workflow = olive_config.train_workflow(cfg, tmp_path / "base", tmp_path / "t.jsonl", tmp_path / "v.jsonl", tmp_path)
+    args = _olive_pass_config(workflow, olive_passes).training_args.create_training_args()
+    assert args.train_sampling_strategy == "group_by_length"
 
 
 def test_olive_training_args_carry_warmup(olive_training_args, cfg: Config):

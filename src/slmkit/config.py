@@ -27,6 +27,8 @@ ADAPTER_MODES = ("merged", "separate")
 # LoRA targets ModelBuilder cannot keep apart (it builds LoRA branches for linear layers only).
 NOT_SEPARABLE = ("embed_tokens", "lm_head")
 DECODINGS = ("stop", "constrained")
+# Order of the training examples (transformers' train_sampling_strategy): random, or batches of like lengths.
+SAMPLINGS = ("random", "group_by_length")
 
 
 class ConfigError(ValueError):
@@ -115,6 +117,7 @@ class TrainConfig:
     torch_dtype: str = MISSING
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch_fused"  # transformers' default; qlora on a GPU: paged_adamw_32bit
+    sampling: str = MISSING  # SAMPLINGS; group_by_length pads less (shorter steps), the batches differ
     # Data-parallel processes on this machine, one per GPU (>1: the train stage runs under torchrun).
     nproc_per_node: int = 1
 
@@ -243,6 +246,7 @@ def check_values(cfg: Config) -> None:
     _check(t.eval_steps > 0, "train.eval_steps", "must be > 0")
     _check_choice(t.torch_dtype, "train.torch_dtype", TORCH_DTYPES)
     _check_choice(t.optim, "train.optim", OPTIMIZERS)
+    _check_choice(t.sampling, "train.sampling", SAMPLINGS)
     _check(
         t.nproc_per_node >= 1,
         "train.nproc_per_node",

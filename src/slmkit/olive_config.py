@@ -119,6 +119,7 @@ def training_args(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
         "report_to": "none",
         "disable_tqdm": True,
         "optim": t.optim,
+        "train_sampling_strategy": t.sampling,
     }
 
 

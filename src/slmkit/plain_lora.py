@@ -40,6 +40,7 @@ def batches(cfg: Config, base: Path, train_jsonl: Path, tokenizer, model):
         seed=cfg.seed,
         data_seed=cfg.seed,
         per_device_train_batch_size=cfg.train.batch_size,
+        train_sampling_strategy=cfg.train.sampling,
         report_to="none",
     )
     trainer = transformers.Trainer(
