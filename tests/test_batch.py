@@ -137,3 +137,17 @@ def test_a_prompt_holding_the_pad_token_batches_like_one_at_a_time(backend, data
         clf = Classifier(backend, data, max_new_tokens=4, decoding=decoding)
         one = clf.classify(PHRASES, batch_size=1)
         assert [p.output for p in clf.classify(PHRASES, batch_size=len(PHRASES))] == [p.output for p in one]
+
+
+def test_threads_default_to_the_omp_budget_else_one_per_core(monkeypatch):
+    """A parallel sweep gives each job its share of the cores in OMP_NUM_THREADS; without it, every core."""
+    import os
+
+    from slmkit.inference import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # set but empty: no budget
+    assert default_threads() == len(os.sched_getaffinity(0))

@@ -239,7 +239,7 @@ def batch_vs_loop(
 
     Fails if a label differs: a batch must give what one at a time gives.
     """
-    from slmkit.inference import cores, load
+    from slmkit.inference import default_threads, load
 
     clf = load(path, batch_size=batch_size, threads=threads, decoding=decoding)
     clf.classify(texts[:batch_size])  # warm-up of both paths (first calls allocate)
@@ -257,7 +257,7 @@ def batch_vs_loop(
         "phrases": len(texts),
         "decoding": decoding,
         "batch_size": batch_size,
-        "threads": threads or cores(),
+        "threads": threads or default_threads(),
         "loop_ms_per_phrase": round(1000 * loop_s / len(texts), 2),
         "batch_ms_per_phrase": round(1000 * batch_s / len(texts), 2),
         "speedup": round(loop_s / batch_s, 2),

@@ -73,7 +73,7 @@ def _load(args: argparse.Namespace, command: str):
             max_new_tokens=args.max_new_tokens,
             decoding=getattr(args, "decoding", DEFAULT_DECODING),
             batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
-            threads=getattr(args, "threads", 1) or None,
+            threads=getattr(args, "threads", 0) or None,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"slmkit {command}: error: {err}", file=sys.stderr)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="phrases per forward pass (%(default)s)"
     )
     p.add_argument(
-        "--threads", type=int, default=1, help="compute threads (0: one per core; default 1, see README Benchmark)"
+        "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
     )
     p.set_defaults(func=_classify)
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--max-phrases", type=_positive, default=64, help="phrases per request (%(default)s)")
     v.add_argument("--max-chars", type=_positive, help="longest phrase (default: the model folder's data.max_chars)")
     v.add_argument(
-        "--threads", type=int, default=1, help="compute threads (0: one per core; default 1, see README Benchmark)"
+        "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
     )
     v.set_defaults(func=_serve, max_new_tokens=8)
     s = sub.add_parser("summary", help="where the model is and its test accuracy")

@@ -143,9 +143,10 @@ class EvaluateConfig:
     decoding: str = "constrained"  # stop | constrained (slmkit.inference.DECODINGS)
     # Also score every model with the other decoding (metrics/eval.json's decoding_comparison): twice the time.
     compare_decodings: bool = False
-    # Compute threads per model (null: the runtime's default, one per core). 1: on 2 shared cores PyTorch
-    # ran 28x slower one phrase at a time with two threads than with one (README, "Benchmark").
-    threads: int | None = 1
+    # Compute threads per model; null: one per core, or OMP_NUM_THREADS when set (a parallel sweep's share).
+    # On an idle 2-core machine two threads classified 1.7x faster than one (README, "Benchmark"); on cores
+    # shared with other work, more threads than free cores is many times slower: set 1 there.
+    threads: int | None = None
     # The stage fails when the quantized model's accuracy is more than this below the merged model's.
     parity_tolerance: float = 0.02
 

@@ -88,9 +88,11 @@ def label_token_ids(encode, data: DataConfig, prompt: str, eos_id: int) -> tuple
     return candidates, end_id
 
 
-def cores() -> int:
-    """The CPU cores this process may run on (its affinity; a container may allow fewer than the host has)."""
-    return len(os.sched_getaffinity(0))
+def default_threads() -> int:
+    """Compute threads when none are asked for: OMP_NUM_THREADS if set (a parallel sweep gives each job its
+    share that way), else one per CPU core this process may run on (its affinity, not the host's count)."""
+    budget = os.environ.get("OMP_NUM_THREADS", "")
+    return int(budget) if budget.isdigit() and int(budget) > 0 else len(os.sched_getaffinity(0))
 
 
 class _NeedsMore(Exception):
@@ -114,7 +116,7 @@ class GenaiModel:
         self.og = og
         config = og.Config(str(path))
         # Set always: left to itself, onnxruntime-genai 0.14.1 ran at one thread's speed on 2 cores here.
-        options = {"intra_op_num_threads": threads or cores(), "inter_op_num_threads": 1}
+        options = {"intra_op_num_threads": threads or default_threads(), "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
@@ -210,7 +212,7 @@ class TorchModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(threads or cores())  # process-wide in PyTorch
+        torch.set_num_threads(threads or default_threads())  # process-wide in PyTorch
         self.threads = torch.get_num_threads()
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -408,7 +410,7 @@ def load(
 ) -> Classifier:
     """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder.
 
-    `threads`: compute threads (None: one per core this process may use).
+    `threads`: compute threads (None: default_threads(), one per core unless OMP_NUM_THREADS says otherwise).
     """
     path = Path(path)
     if not path.is_dir():
