@@ -221,17 +221,26 @@ def overhead() -> dict:
     work = (BENCH_DIR / "bare_olive").resolve()
     _rendered_splits(cfg, base, work)
     olive = str(Path(sys.executable).with_name("olive"))
+    adapter = work / "train/output/adapter"
+    # Built when their turn comes: the separate build reads the adapter the bare train run wrote.
     configs = {
-        "train": olive_config.train_workflow(cfg, base, work / "train.jsonl", work / "val.jsonl", work / "train"),
-        "merge": olive_config.merge_workflow(cfg, base, work / "train/output/adapter", work / "merge"),
-        "quantize": olive_config.quantize_workflow(cfg, work / "merge/output/model", work / "quantize"),
+        "train": lambda: olive_config.train_workflow(
+            cfg, base, work / "train.jsonl", work / "val.jsonl", work / "train"
+        ),
+        "merge": lambda: olive_config.merge_workflow(cfg, base, adapter, work / "merge"),
+        # As the quantize stage builds: the base + the adapter (builder.adapter=separate), or the merged model.
+        "quantize": lambda: (
+            olive_config.quantize_workflow(cfg, base, work / "quantize", adapter)
+            if cfg.builder.adapter == "separate"
+            else olive_config.quantize_workflow(cfg, work / "merge/output/model", work / "quantize")
+        ),
     }
     dvc = str(Path(sys.executable).with_name("dvc"))
     bare, kit, load = {}, {}, {}
     # Interleaved, stage by stage, so that load from other work on the machine hits both sides alike.
     for name, config in configs.items():
         path = work / f"{name}.json"
-        path.write_text(json.dumps(config, indent=2))
+        path.write_text(json.dumps(config(), indent=2))
         bare[name] = round(_timed([olive, "run", "--config", str(path)])[0], 1)
         kit[name] = round(_timed([dvc, "repro", "--force", "--single-item", name])[0], 1)
         load[name] = round(os.getloadavg()[0], 2)
