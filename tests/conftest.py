@@ -151,6 +151,5 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer, _composed: Config) -> dict
     return {"pytorch": torch_dir, "onnx": onnx_dir}
 
 
-# The slow tier's session-wide workspace (one pipeline run shared by tests/test_pipeline.py and
-# tests/test_versioning.py).
-from workspace import workspace  # noqa: E402,F401
+# The slow tier's finished tiny run (shared, read-only) and private copies of it (tests/workspace.py).
+from workspace import _finished_run, finished_run, private_run  # noqa: E402,F401

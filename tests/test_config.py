@@ -50,10 +50,21 @@ def _load_compose_script():
     return module
 
 
-def _run_compose(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(COMPOSE_SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+@pytest.fixture
+def run_compose(monkeypatch, capsys):
+    """`python scripts/compose.py ARGS` in cwd, as its main() runs it: (exit code, stdout, stderr).
+
+    In this process: a new Python spends ~5 s importing torch and transformers (the layout check) before
+    it composes anything. The script's own entry point runs as a process in
+    test_compose_script_reads_the_conf_beside_it_not_the_installed_packages."""
+
+    def run(*args: str, cwd: Path) -> tuple[int, str, str]:
+        monkeypatch.chdir(cwd)
+        code = _load_compose_script().main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
 # --- conf/ composes -------------------------------------------------------------------------------
@@ -272,10 +283,10 @@ def test_committed_params_yaml_is_what_conf_composes_to():
     assert _committed_params() == to_yaml(compose()), "params.yaml is stale: run `make params` and commit it"
 
 
-def test_compose_check_passes_on_a_fresh_params_yaml(tmp_path: Path):
+def test_compose_check_passes_on_a_fresh_params_yaml(tmp_path: Path, run_compose):
     shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
     (tmp_path / "params.yaml").write_text(to_yaml(compose()), encoding="utf-8")
-    assert _run_compose("--check", cwd=tmp_path).returncode == 0
+    assert run_compose("--check", cwd=tmp_path)[0] == 0
 
 
 def test_params_yaml_round_trip(cfg: Config, tmp_path: Path):
@@ -310,12 +321,12 @@ def tmp_repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_check_fails_on_stale_params_and_leaves_it_alone(tmp_repo: Path):
+def test_check_fails_on_stale_params_and_leaves_it_alone(tmp_repo: Path, run_compose):
     stale = to_yaml(compose(["lora.r=8"]))
     (tmp_repo / "params.yaml").write_text(stale, encoding="utf-8")
-    result = _run_compose("--check", cwd=tmp_repo)
-    assert result.returncode == 1
-    assert "stale" in result.stderr
+    code, _, stderr = run_compose("--check", cwd=tmp_repo)
+    assert code == 1
+    assert "stale" in stderr
     assert (tmp_repo / "params.yaml").read_text(encoding="utf-8") == stale
 
 
@@ -479,10 +490,11 @@ def test_documented_bad_config(overrides: str, key: str, says: str):
     assert says in message, message
 
 
-def test_bad_config_exits_1_without_traceback_or_params(tmp_path: Path):
-    result = _run_compose("lora.target_modules=[qkv_proj]", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "lora.target_modules" in result.stderr and "Traceback" not in result.stderr
+def test_bad_config_exits_1_without_traceback_or_params(tmp_path: Path, run_compose):
+    # An exception out of main() would fail this test before any assert: no traceback reaches the user.
+    code, _, stderr = run_compose("lora.target_modules=[qkv_proj]", cwd=tmp_path)
+    assert code == 1
+    assert "lora.target_modules" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "params.yaml").exists()
 
 

@@ -6,22 +6,22 @@ The slow test runs the train stage in two processes on this CPU (gloo): the same
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from workspace import make
 
 from slmkit import distributed
 from slmkit.config import compose
 from slmkit.stage import StageError
 from tests.test_faults_pipeline import digest, kill_when
-from tests.workspace import make
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,19 +72,18 @@ def test_missing_rank_output_is_named(tmp_path: Path):
         distributed.check_in_sync(tmp_path, 2)
 
 
-def test_dry_run_prints_the_launch_command():
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    out = subprocess.run(
-        [sys.executable, "scripts/compose.py", "--dry-run", "train.nproc_per_node=2"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "train runs 2 data-parallel processes:" in out.stdout
-    assert "torch.distributed.run --standalone --nproc_per_node=2 -m slmkit.distributed" in out.stdout
+def test_dry_run_prints_the_launch_command(monkeypatch, capsys):
+    # scripts/compose.py's main() in this process (a new Python would spend seconds importing torch first);
+    # its `dvc status` runs as the script's would, with the environment's dvc on PATH.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(REPO)
+    spec = importlib.util.spec_from_file_location("slmkit_compose_script", REPO / "scripts" / "compose.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--dry-run", "train.nproc_per_node=2"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "train runs 2 data-parallel processes:" in out
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m slmkit.distributed" in out
 
 
 def test_reference_preset_stays_one_process():
@@ -104,36 +103,33 @@ def _ranks_alive(ws: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_process_training_on_cpu_shards_each_step_and_keeps_ranks_in_sync(workspace: Path):
-    n_train = sum(1 for _ in (workspace / "artifacts/prepare/train.jsonl").open())
-    before = digest(workspace / "artifacts/train")
-    try:
-        quick = "ARGS=train.nproc_per_node=2 train.max_steps=12 train.eval_steps=6"
-        make("params", workspace, quick)
-        # Ctrl-C while the ranks train: every rank stops, the previous output stays.
-        code, out = kill_when(
-            workspace,
-            [sys.executable, "scripts/train.py"],
-            lambda ws, out: "'loss'" in out,
-            signal.SIGINT,
-            group=True,
-        )
-        assert code == 130, out[-3000:]
-        assert "slmkit train: error: interrupted by SIGINT" in out
-        assert digest(workspace / "artifacts/train") == before
-        assert _ranks_alive(workspace) == []
+def test_two_process_training_on_cpu_shards_each_step_and_keeps_ranks_in_sync(private_run: Path):
+    n_train = sum(1 for _ in (private_run / "artifacts/prepare/train.jsonl").open())
+    before = digest(private_run / "artifacts/train")
+    quick = "ARGS=train.nproc_per_node=2 train.max_steps=12 train.eval_steps=6"
+    make("params", private_run, quick)
+    # Ctrl-C while the ranks train: every rank stops, the previous output stays.
+    code, out = kill_when(
+        private_run,
+        [sys.executable, "scripts/train.py"],
+        lambda ws, out: "'loss'" in out,
+        signal.SIGINT,
+        group=True,
+    )
+    assert code == 130, out[-3000:]
+    assert "slmkit train: error: interrupted by SIGINT" in out
+    assert digest(private_run / "artifacts/train") == before
+    assert _ranks_alive(private_run) == []
 
-        result = make("train", workspace, quick)  # `make <stage> ARGS=...` composes, then runs up to it
-        log = result.stdout + result.stderr
-        assert "in 2 data-parallel processes (cpu)" in log
-        assert "all 2 data-parallel ranks hold the same adapter" in log
-        stats = json.loads((workspace / "artifacts/runs/train/train_stats.json").read_text())
-        assert stats["processes"] == 2
-        assert stats["examples_per_step"] == 2 * 16
-        # DDP shards each batch over the ranks: 12 steps went through 12 x 16 x 2 examples, twice what one
-        # process would (a rank that trained alone would report half this epoch count).
-        assert stats["epochs"] == pytest.approx(12 * 16 * 2 / n_train, rel=0.05)
-        assert (workspace / "artifacts/train/adapter/adapter_model.safetensors").is_file()
-        assert not (workspace / "artifacts/.olive-train").exists()  # work folder gone after success
-    finally:
-        make("finetune", workspace)  # back to the default config (restored from DVC's run cache)
+    result = make("train", private_run, quick)  # `make <stage> ARGS=...` composes, then runs up to it
+    log = result.stdout + result.stderr
+    assert "in 2 data-parallel processes (cpu)" in log
+    assert "all 2 data-parallel ranks hold the same adapter" in log
+    stats = json.loads((private_run / "artifacts/runs/train/train_stats.json").read_text())
+    assert stats["processes"] == 2
+    assert stats["examples_per_step"] == 2 * 16
+    # DDP shards each batch over the ranks: 12 steps went through 12 x 16 x 2 examples, twice what one
+    # process would (a rank that trained alone would report half this epoch count).
+    assert stats["epochs"] == pytest.approx(12 * 16 * 2 / n_train, rel=0.05)
+    assert (private_run / "artifacts/train/adapter/adapter_model.safetensors").is_file()
+    assert not (private_run / "artifacts/.olive-train").exists()  # work folder gone after success

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests.workspace import copy_repo, make, run
+from workspace import copy_repo, make, run
 
 pytestmark = pytest.mark.slow
 
@@ -18,10 +17,9 @@ def _lock(ws: Path) -> dict:
     return yaml.safe_load((ws / "dvc.lock").read_text(encoding="utf-8"))["stages"]
 
 
-def test_a_forced_rerun_with_the_same_output_reruns_nothing_downstream(tmp_path: Path):
-    # prepare and base: the two cheapest stages, base downstream of prepare.
-    first = copy_repo(tmp_path / "first")
-    make("base", first)
+def test_a_forced_rerun_with_the_same_output_reruns_nothing_downstream(private_run: Path, tmp_path: Path):
+    # prepare, the cheapest stage, with base downstream of it.
+    first = private_run
     before = _lock(first)
     run_before = json.loads((first / "artifacts/runs/prepare/run.json").read_text())
 
@@ -39,4 +37,6 @@ def test_a_forced_rerun_with_the_same_output_reruns_nothing_downstream(tmp_path:
     # A second fresh copy (another commit, another time) records the same dvc.lock for the same inputs.
     second = copy_repo(tmp_path / "second")
     make("base", second)
-    assert _lock(second) == before
+    # (The copy's other dvc.lock entries are the committed ones of the repo, not run here.)
+    ran = ("prepare", "base")
+    assert {s: _lock(second)[s] for s in ran} == {s: before[s] for s in ran}

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from workspace import make, run, run_group
 
 from slmkit import load
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.sweep import collect
-from tests.workspace import make, run
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +41,9 @@ def _experiments(ws: Path) -> dict[str, dict]:
     return found
 
 
-def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(workspace: Path):
-    result = make("sweep", workspace, f"ARGS=hydra/launcher=parallel lora.r=4,8 {QUICK}")
-    results = collect(_latest_sweep(workspace))
+def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(private_run: Path):
+    result = make("sweep", private_run, f"ARGS=hydra/launcher=parallel lora.r=4,8 {QUICK}")
+    results = collect(_latest_sweep(private_run))
     assert sorted(r["overrides"][0] for r in results) == ["lora.r=4", "lora.r=8"]
     for r in results:
         assert {"prepare", "base"} <= set(r["stages"]["reused"]), r["stages"]
@@ -52,7 +51,7 @@ def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(workspace
         assert r["threads"] == 1  # 2 jobs on 2 cores: one thread each
         assert 0 <= r["metrics"]["int4_onnx"]["accuracy"] <= 1
     assert "★" in result.stdout
-    exps = _experiments(workspace)
+    exps = _experiments(private_run)
     for r in results:
         assert r["name"] in exps, f"{r['name']} not in dvc exp show: {sorted(exps)}"
         params = exps[r["name"]]["params"]["params.yaml"]["data"]
@@ -60,102 +59,101 @@ def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(workspace
         assert params["train"]["max_steps"] == 20 and params["evaluate"]["parity_tolerance"] == 0.5
         metrics = exps[r["name"]]["metrics"]["metrics/eval.json"]["data"]
         assert metrics["int4_onnx"]["accuracy"] == r["metrics"]["int4_onnx"]["accuracy"]
-    # The jobs' clones are gone; the main workspace's params are untouched by the jobs.
-    assert not list(_latest_sweep(workspace).glob("*/ws"))
-    assert yaml.safe_load((workspace / "params.yaml").read_text())["lora"]["r"] == 16
+    # The jobs' clones are gone; the workspace's params are untouched by the jobs.
+    assert not list(_latest_sweep(private_run).glob("*/ws"))
+    assert yaml.safe_load((private_run / "params.yaml").read_text())["lora"]["r"] == 16
 
 
-def test_sweep_through_submitit_local_executor(workspace: Path):
-    """The SLURM launcher's code path (submitit), run by its local executor."""
-    make("sweep", workspace, f"ARGS=hydra/launcher=local_processes lora.r=2 {QUICK}")
-    (result,) = collect(_latest_sweep(workspace))
-    assert result["overrides"][:1] == ["lora.r=2"]
-    assert result["name"] in _experiments(workspace)
+def test_sweep_through_submitit_local_executor(private_run: Path):
+    """The SLURM launcher's code path (submitit), run by its local executor.
+
+    The job's config is the finished run's own (lora.r=16, the tiny preset's): every stage comes from DVC's
+    run cache, so the launcher, the job's clone and its experiment are what this test spends time on."""
+    make("sweep", private_run, "ARGS=hydra/launcher=local_processes lora.r=16")
+    (result,) = collect(_latest_sweep(private_run))
+    assert result["overrides"][:1] == ["lora.r=16"]
+    assert result["stages"]["ran"] == [], result["stages"]  # up to date, or restored from the run cache
+    assert result["name"] in _experiments(private_run)
 
 
-def test_sweep_job_with_a_bad_value_fails_before_any_work(workspace: Path):
+def test_sweep_job_with_a_bad_value_fails_before_any_work(private_run: Path):
     cmd = ["make", "--no-print-directory", "sweep", f"VENV={sys.prefix}", "ARGS=lora.dropout=1.5"]
-    proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=600)
+    proc = run_group(cmd, 600, cwd=private_run)
     assert proc.returncode != 0
     assert "lora.dropout" in proc.stderr
-    assert not list(_latest_sweep(workspace).glob("*/ws")) and not list(_latest_sweep(workspace).glob("*/dvc.log"))
+    assert not list(_latest_sweep(private_run).glob("*/ws")) and not list(_latest_sweep(private_run).glob("*/dvc.log"))
 
 
-def test_a_failed_job_is_listed_and_the_other_jobs_go_on(workspace: Path):
+def test_a_failed_job_is_listed_and_the_other_jobs_go_on(private_run: Path):
     """Job 0 fails in prepare (no such data file); job 1 (the committed config) still runs; exit 1 at the end."""
     cmd = ["make", "--no-print-directory", "sweep", f"VENV={sys.prefix}"]
     cmd.append("ARGS=data.path=data/missing.jsonl,data/tones.jsonl")
-    proc = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=1200)
+    proc = run_group(cmd, 1200, cwd=private_run)
     assert proc.returncode != 0
-    failed, done = sorted(collect(_latest_sweep(workspace)), key=lambda r: r["overrides"][0])
+    failed, done = sorted(collect(_latest_sweep(private_run)), key=lambda r: r["overrides"][0])
     assert failed["overrides"] == ["data.path=data/missing.jsonl"] and "missing.jsonl" in failed["failed"]
     assert "failed" not in done and 0 <= done["objective"] <= 1
     assert "1 of 2 jobs failed" in proc.stdout + proc.stderr
     assert "| ✗ |" in proc.stdout and "| ★ |" in proc.stdout
 
 
-def test_config_dry_run_names_the_stages_to_rerun(workspace: Path):
-    before = (workspace / "params.yaml").read_text()
-    out = make("config", workspace, "ARGS=lora.r=8").stdout
+def test_config_dry_run_names_the_stages_to_rerun(finished_run: Path):
+    before = (finished_run / "params.yaml").read_text()
+    out = make("config", finished_run, "ARGS=lora.r=8").stdout
     listed = out.split("would run:")[1]
     assert "train" in listed and "params lora" in listed
     assert "prepare" not in listed and "base" not in listed
-    assert (workspace / "params.yaml").read_text() == before
-    assert "none: every stage is up to date" in make("config", workspace).stdout
+    assert (finished_run / "params.yaml").read_text() == before
+    assert "none: every stage is up to date" in make("config", finished_run).stdout
 
 
-def test_ejected_olive_config_runs_with_olive_alone(workspace: Path):
-    make("olive-config", workspace)
-    config_path = workspace / "olive-config" / "olive_config.json"
+def test_ejected_olive_config_runs_with_olive_alone(private_run: Path):
+    make("olive-config", private_run)
+    config_path = private_run / "olive-config" / "olive_config.json"
     workflow = json.loads(config_path.read_text())
     assert [p["type"] for p in workflow["passes"].values()] == ["LoRA", "MergeAdapterWeights", "ModelBuilder"]
-    shutil.rmtree(workspace / "olive-config" / "output", ignore_errors=True)
-    run(["olive", "run", "--config", str(config_path)], workspace)
-    output = workspace / "olive-config" / "output"
+    shutil.rmtree(private_run / "olive-config" / "output", ignore_errors=True)
+    run(["olive", "run", "--config", str(config_path)], private_run)
+    output = private_run / "olive-config" / "output"
     genai = next(output.rglob("genai_config.json")).parent
     assert (genai / "model.onnx").is_file()
     # Olive alone gives a working classifier with the same prompt. Not a bit-identical one: Olive's LoRA
     # pass does not seed the adapter's initialisation (the Trainer's seed applies after the adapter
     # exists); slmkit's train stage seeds torch before calling Olive, which makes its runs repeatable.
-    cfg = load_params(workspace / "params.yaml")
-    test = read_split(workspace / "artifacts" / "prepare" / "test.jsonl")
+    cfg = load_params(private_run / "params.yaml")
+    test = read_split(private_run / "artifacts" / "prepare" / "test.jsonl")
     preds = load(genai, data=cfg.data).classify([e.text for e in test])
     assert sum(p.label is not None for p in preds) >= 0.9 * len(preds)
 
 
-def test_qlora_adapter_goes_to_int4_through_the_full_precision_merge(workspace: Path):
+def test_qlora_adapter_goes_to_int4_through_the_full_precision_merge(private_run: Path):
     """QLoRA end to end on CPU: 4-bit base -> adapter -> merge into the fp32 base -> int4 ONNX -> evaluate."""
-    try:
-        make("finetune", workspace, f"ARGS=experiment=tiny_qlora {QUICK}")
-        adapter = json.loads((workspace / "artifacts/train/adapter/adapter_config.json").read_text())
-        # Olive's QLoRA pass adapts every 4-bit linear layer (not the embeddings).
-        assert set(adapter["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-        merged = json.loads((workspace / "artifacts/merge/model/config.json").read_text())
-        assert "quantization_config" not in merged  # the merged model is full precision
-        assert (workspace / "artifacts/quantize/model/model.onnx").is_file()
-        metrics = json.loads((workspace / "metrics/eval.json").read_text())
-        assert 0 <= metrics["int4_onnx"]["accuracy"] <= 1 and 0 <= metrics["merged_pytorch"]["accuracy"] <= 1
-    finally:
-        make("finetune", workspace)  # back to the default config (restored from DVC's run cache)
+    make("finetune", private_run, f"ARGS=experiment=tiny_qlora {QUICK}")
+    adapter = json.loads((private_run / "artifacts/train/adapter/adapter_config.json").read_text())
+    # Olive's QLoRA pass adapts every 4-bit linear layer (not the embeddings).
+    assert set(adapter["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    merged = json.loads((private_run / "artifacts/merge/model/config.json").read_text())
+    assert "quantization_config" not in merged  # the merged model is full precision
+    assert (private_run / "artifacts/quantize/model/model.onnx").is_file()
+    metrics = json.loads((private_run / "metrics/eval.json").read_text())
+    assert 0 <= metrics["int4_onnx"]["accuracy"] <= 1 and 0 <= metrics["merged_pytorch"]["accuracy"] <= 1
 
 
-def test_optuna_search_returns_accuracy_and_finds_the_best(workspace: Path):
-    make(
-        "sweep",
-        workspace,
-        f"ARGS=hydra/sweeper=search hydra.sweeper.n_trials=2 'lora.r=choice(4,8)' {QUICK}",
-    )
-    sweep_dir = _latest_sweep(workspace)
+def test_optuna_search_returns_accuracy_and_finds_the_best(private_run: Path):
+    # A search over the builder: the adapter comes from the finished run (DVC's run cache), and a trial
+    # builds and scores its model (int4_onnx or fp32_onnx, the objective follows it).
+    make("sweep", private_run, "ARGS=hydra/sweeper=search hydra.sweeper.n_trials=2 'builder=choice(int4_cpu,fp32_cpu)'")
+    sweep_dir = _latest_sweep(private_run)
     results = collect(sweep_dir)
     assert len(results) == 2
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(r["objective"] for r in results)
 
 
-def test_a_sweep_over_builders_ranks_each_job_by_the_model_it_built(workspace: Path):
+def test_a_sweep_over_builders_ranks_each_job_by_the_model_it_built(private_run: Path):
     # evaluate names the built model by its precision (int4_onnx, fp32_onnx): the objective follows it.
-    make("sweep", workspace, f"ARGS=builder=int4_cpu,fp32_cpu {QUICK}")
-    results = {r["overrides"][0]: r for r in collect(_latest_sweep(workspace))}
+    make("sweep", private_run, f"ARGS=builder=int4_cpu,fp32_cpu {QUICK}")
+    results = {r["overrides"][0]: r for r in collect(_latest_sweep(private_run))}
     assert set(results) == {"builder=int4_cpu", "builder=fp32_cpu"}
     for override, model in (("builder=int4_cpu", "int4_onnx"), ("builder=fp32_cpu", "fp32_onnx")):
         r = results[override]
@@ -164,5 +162,5 @@ def test_a_sweep_over_builders_ranks_each_job_by_the_model_it_built(workspace: P
         assert "quantize" in r["stages"]["ran"], r["stages"]
     # One adapter for both builders: whichever job ran second reused the first one's training.
     assert sum("train" in r["stages"]["ran"] for r in results.values()) <= 1
-    summary = (_latest_sweep(workspace) / "summary.md").read_text()
+    summary = (_latest_sweep(private_run) / "summary.md").read_text()
     assert "| fp32_onnx |" in summary and "| int4_onnx |" in summary

@@ -12,8 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from tests.workspace import REPO_ROOT, copy_repo, make
+from workspace import REPO_ROOT, copy_repo, make
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")

@@ -395,22 +395,39 @@ _TELEMETRY_PROBE = (
 )
 
 
-@pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        # Opted out (slmkit's default): no heartbeat queued, no logger left to wait for at exit, CI untouched.
-        ({"OLIVE_DISABLE_TELEMETRY": "1"}, "True True None"),
-        # Not opted out: Olive's telemetry is left as Olive sets it up (CI=1 keeps this probe off the network).
-        ({"OLIVE_DISABLE_TELEMETRY": "0", "CI": "1"}, "False False 1"),
-    ],
-)
-def test_olive_telemetry_opt_out_is_complete(env: dict, expected: str):
+# Opted out (slmkit's default): no heartbeat queued, no logger left to wait for at exit, CI untouched.
+# Not opted out: Olive's telemetry is left as Olive sets it up (CI=1 keeps this probe off the network).
+_TELEMETRY_CASES = {
+    "opted-out": ({"OLIVE_DISABLE_TELEMETRY": "1"}, "True True None"),
+    "olive-default": ({"OLIVE_DISABLE_TELEMETRY": "0", "CI": "1"}, "False False 1"),
+}
+
+
+@pytest.fixture(scope="module")
+def telemetry_probes() -> dict[str, subprocess.Popen]:
+    """Both probes started at once: each is a new Python importing Olive (~5 s), and they need not wait in turn."""
     base = {k: v for k, v in os.environ.items() if k not in ("CI", "OLIVE_DISABLE_TELEMETRY")}
-    out = subprocess.run(
-        [sys.executable, "-c", _TELEMETRY_PROBE], env={**base, **env}, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[-2] == expected
+    probes = {
+        case: subprocess.Popen(
+            [sys.executable, "-c", _TELEMETRY_PROBE],
+            env={**base, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for case, (env, _) in _TELEMETRY_CASES.items()
+    }
+    yield probes
+    for proc in probes.values():
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("case", _TELEMETRY_CASES)
+def test_olive_telemetry_opt_out_is_complete(case: str, telemetry_probes: dict[str, subprocess.Popen]):
+    stdout, stderr = telemetry_probes[case].communicate(timeout=120)
+    assert telemetry_probes[case].returncode == 0, stderr
+    assert stdout.split("\n")[-2] == _TELEMETRY_CASES[case][1]
 
 
 # --- builder.adapter=separate: the base in int4, the LoRA branches beside it in full precision ------------

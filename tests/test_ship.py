@@ -16,7 +16,7 @@ from slmkit.config import compose
 pytestmark = pytest.mark.slow
 
 
-def test_parity_gate_fails_on_an_int4_model_built_from_the_untrained_base(workspace: Path, tmp_path: Path):
+def test_parity_gate_fails_on_an_int4_model_built_from_the_untrained_base(finished_run: Path, tmp_path: Path):
     """Swap in an int4 model that ModelBuilder made from the base (no adapter): evaluate must fail, naming both."""
     from slmkit import olive_config, olive_run
     from slmkit.config import load_params
@@ -24,7 +24,7 @@ def test_parity_gate_fails_on_an_int4_model_built_from_the_untrained_base(worksp
 
     ws = tmp_path / "ws"
     for rel in ("params.yaml", "scripts/evaluate.py", "artifacts/prepare", "artifacts/base", "artifacts/merge"):
-        src, dst = workspace / rel, ws / rel
+        src, dst = finished_run / rel, ws / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
     cfg = load_params(ws / "params.yaml")
@@ -45,42 +45,42 @@ def test_parity_gate_fails_on_an_int4_model_built_from_the_untrained_base(worksp
     assert f"{int4:.4f}" in result.stderr and f"{merged:.4f}" in result.stderr, result.stderr[-2000:]
 
 
-def test_eval_has_three_models_in_depth_and_confusion_plots(workspace: Path):
-    metrics = json.loads((workspace / "metrics/eval.json").read_text())
+def test_eval_has_three_models_in_depth_and_confusion_plots(finished_run: Path):
+    metrics = json.loads((finished_run / "metrics/eval.json").read_text())
     labels = compose().data.labels
     for name in ("base_pytorch", "merged_pytorch", "int4_onnx"):
         m = metrics[name]
         assert set(m["per_class"]) == set(labels)
         assert 0 <= m["macro_f1"] <= 1
         assert sum(map(sum, m["confusion"]["matrix"])) == m["n"]
-        rows = (workspace / f"metrics/confusion/{name}.csv").read_text().splitlines()
+        rows = (finished_run / f"metrics/confusion/{name}.csv").read_text().splitlines()
         assert rows[0] == "actual,predicted" and len(rows) == m["n"] + 1
     # Constrained decoding (the default) always writes a label; the comparison is opt-in.
     assert metrics["decoding"] == "constrained" and "decoding_comparison" not in metrics
     assert all(metrics[name]["invalid_rate"] == 0 for name in ("base_pytorch", "merged_pytorch", "int4_onnx"))
     # Times differ on every run: in the run record, not in the DVC metrics (whose hash would change each time).
     assert "seconds" not in json.dumps(metrics)
-    timings = json.loads((workspace / "artifacts/runs/evaluate/timings.json").read_text())["seconds_per_example"]
+    timings = json.loads((finished_run / "artifacts/runs/evaluate/timings.json").read_text())["seconds_per_example"]
     assert set(timings) == {"base_pytorch", "merged_pytorch", "int4_onnx"}
     assert all(t["constrained"] > 0 for t in timings.values())
-    shown = run([str(Path(sys.executable).with_name("dvc")), "plots", "show", "--json"], workspace).stdout
+    shown = run([str(Path(sys.executable).with_name("dvc")), "plots", "show", "--json"], finished_run).stdout
     assert "metrics/confusion/int4_onnx.csv" in shown
 
 
-def test_report_is_one_self_contained_page(workspace: Path):
-    run([sys.executable, "scripts/report.py"], workspace)
-    page = (workspace / "reports/report.html").read_text()
+def test_report_is_one_self_contained_page(private_run: Path):
+    run([sys.executable, "scripts/report.py"], private_run)
+    page = (private_run / "reports/report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2  # confusion matrices + loss curve
     assert "<img" in page and 'src="http' not in page
     for needle in ("base_pytorch", "merged_pytorch", "int4_onnx", "macro-F1", "Lineage", "params.yaml"):
         assert needle in page
 
 
-def test_bench_runs_and_writes_ratios(workspace: Path, tmp_path: Path):
+def test_bench_runs_and_writes_ratios(private_run: Path, tmp_path: Path):
     """Small counts and a mini layout: the benchmark's code path, not its numbers."""
     out = tmp_path / "bench.json"
     args = ["--phrases", "2", "--repeats", "1", "--decode-tokens", "4", "--layout", "64,1,2,128,2112"]
-    run([sys.executable, "scripts/bench.py", *args, "--out", str(out)], workspace)
+    run([sys.executable, "scripts/bench.py", *args, "--out", str(out)], private_run)
     bench = json.loads(out.read_text())
     for size in ("pipeline", "medium"):
         for name in ("int4_onnx", "fp32_onnx", "pytorch"):
@@ -93,23 +93,39 @@ def test_bench_runs_and_writes_ratios(workspace: Path, tmp_path: Path):
     assert bench["machine"]["cores"] >= 1
 
 
-def test_classify_file_json_and_chat(workspace: Path, tmp_path: Path):
+def test_bench_train_runs_the_stage_and_the_plain_loop_on_the_same_batches(private_run: Path, tmp_path: Path):
+    """make bench-train's code path on the tiny run: both sides train 2 and 4 steps; their logged losses
+    (the same batches from the same start) agree, and the figures land in the --out file."""
+    out = tmp_path / "bench.json"
+    run([sys.executable, "scripts/bench.py", "--train", "--train-steps", "2", "--out", str(out)], private_run)
+    training = json.loads(out.read_text())["training"]
+    assert set(training["logged_loss"]) == {"2", "4"}
+    for pair in training["logged_loss"].values():
+        assert len(pair["kit"]) == len(pair["plain"]) >= 1
+        for kit, plain in zip(pair["kit"], pair["plain"], strict=True):
+            assert abs(kit - plain) <= 0.02 * kit + 0.01, pair
+    assert training["settings"]["tokens_per_step"] > 0
+    assert isinstance(training["kit_vs_plain_per_step"], float)
+    assert not (private_run / "artifacts/bench/train").exists()  # its scratch folder is removed
+
+
+def test_classify_file_json_and_chat(finished_run: Path, tmp_path: Path):
     labels = compose().data.labels
     phrases = tmp_path / "phrases.jsonl"
     phrases.write_text('{"phrase": "I can\'t stop smiling"}\n\n{"phrase": "Something moved in the dark."}\n')
     cli = [sys.executable, "-m", "slmkit.cli"]
-    out = run([*cli, "classify", "--file", str(phrases), "--json", "--model", "merged"], workspace).stdout
+    out = run([*cli, "classify", "--file", str(phrases), "--json", "--model", "merged"], finished_run).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["text"] for r in rows] == ["I can't stop smiling", "Something moved in the dark."]
     assert all(r["label"] in labels for r in rows)
     plain = subprocess.run(
         [*cli, "classify", "--model", "base"],
         input="a plain phrase\n",
-        cwd=workspace,
+        cwd=finished_run,
         env=_env(),
         capture_output=True,
         text=True,
     )
     assert plain.returncode == 0 and plain.stdout.split("\t")[0] in labels, plain.stderr[-2000:]
-    reply = run([*cli, "chat", "--json", "I can't stop smiling"], workspace).stdout
+    reply = run([*cli, "chat", "--json", "I can't stop smiling"], finished_run).stdout
     assert json.loads(reply)["reply"].strip() in labels  # the fine-tuned model answers with a tone

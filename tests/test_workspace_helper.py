@@ -56,3 +56,36 @@ def test_plain_subprocess_run_leaves_the_child_behind(tmp_path: Path):
 def test_a_finished_command_returns_its_output_and_status():
     done = run_group(["bash", "-c", "echo out; echo err >&2; exit 3"], timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_snapshot_sees_every_change_a_test_could_leave_in_the_shared_run(tmp_path: Path):
+    """finished_run's guard (tests/workspace.py): files by content, git refs and status; not DVC's scratch."""
+    from workspace import snapshot
+
+    ws = tmp_path / "ws"
+    (ws / ".dvc" / "tmp").mkdir(parents=True)
+    (ws / "artifacts" / "train").mkdir(parents=True)
+    (ws / "artifacts" / "train" / "adapter.bin").write_bytes(b"weights")
+    (ws / "params.yaml").write_text("lora: {r: 16}\n")
+    (ws / ".dvc" / ".gitignore").write_text("/tmp\n/cache\n")  # as `dvc init` writes it
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=ws, check=True)
+    subprocess.run([*git, "add", "params.yaml", ".dvc/.gitignore"], cwd=ws, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=ws, check=True)
+    pristine = snapshot(ws)
+
+    (ws / ".dvc" / "tmp" / "rwlock").write_text("{}")  # DVC's own scratch: not a change to the run
+    assert snapshot(ws) == pristine
+    (ws / "params.yaml").write_text("lora: {r: 16}\n")  # rewritten with the same bytes: not a change
+    assert snapshot(ws) == pristine
+
+    for change in (
+        lambda: (ws / "artifacts" / "train" / "adapter.bin").write_bytes(b"other weights"),
+        lambda: (
+            (ws / "artifacts" / ".olive-train").mkdir() or (ws / "artifacts" / ".olive-train" / "olive.log").touch()
+        ),
+        lambda: subprocess.run([*git, "branch", "exp"], cwd=ws, check=True),
+    ):
+        change()
+        assert snapshot(ws) != pristine
+        pristine = snapshot(ws)

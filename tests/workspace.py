@@ -1,7 +1,15 @@
-"""The slow tier's workspace: a fresh copy of the repo in which the real pipeline has run once."""
+"""The slow tier's workspaces: one finished tiny run that read-only tests share, and private copies of it.
+
+`finished_run`: a fresh copy of the repo in which `make finetune` (the tiny model) has run once in the
+session. Tests share it and must leave it as it was: after each test its files and git refs are compared
+with how the run left them, and a difference fails that test. `private_run`: a test's own copy of that
+finished run, DVC cache and run cache included, for a test that changes configs, data or outputs; DVC
+restores what it has seen instead of retraining. Neither depends on the order the tests run in.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -13,6 +21,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
+
+
+# Looks like a Hugging Face token, never a real one: the finished run's stages all run with it set, so a
+# test can look for it in every output, record and log (tests/test_faults_pipeline.py).
+FAKE_TOKEN = "hf_" + "Kw7" * 12
 
 
 def _env() -> dict[str, str]:
@@ -56,15 +69,17 @@ def _end_group(proc: subprocess.Popen, grace: float) -> tuple[str, str]:
     return proc.communicate()
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
-    result = run_group(cmd, timeout, cwd=cwd, env=_env())
+def run(
+    cmd: list[str], cwd: Path, timeout: int = 1200, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    result = run_group(cmd, timeout, cwd=cwd, env=env or _env())
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
 
-def make(target: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def make(target: str, cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # VENV: the environment running this test. The copy has the same lock, so make does not reinstall.
-    return run(["make", "--no-print-directory", target, f"VENV={VENV}", *args], cwd)
+    return run(["make", "--no-print-directory", target, f"VENV={VENV}", *args], cwd, env=env)
 
 
 # The plumbing tests run on the fast tiny model, not the shipped default (SmolLM2-135M, minutes per run):
@@ -110,10 +125,59 @@ def copy_repo(ws: Path, *, tiny: bool = True) -> Path:
     return ws
 
 
+# Not part of a run's state: git's own files (refs are compared through git), DVC's lock and index
+# scratch, and Python's bytecode.
+_NOT_STATE = {".git", ".dvc/tmp"}
+
+
+def snapshot(ws: Path) -> dict[str, str]:
+    """Every file of the workspace by content (DVC cache and outputs included) and every git ref and status line."""
+    state = {}
+    for root, dirs, files in os.walk(ws):
+        rel_root = Path(root).relative_to(ws)
+        dirs[:] = [d for d in dirs if (rel_root / d).as_posix() not in _NOT_STATE and d != "__pycache__"]
+        for name in files:
+            path = Path(root) / name
+            rel = (rel_root / name).as_posix()
+            if path.is_symlink():
+                state[rel] = f"-> {os.readlink(path)}"
+            else:
+                with path.open("rb") as f:
+                    state[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+    for what in (["for-each-ref"], ["status", "--porcelain", "--untracked-files=all"]):
+        state[f"git {what[0]}"] = subprocess.run(
+            ["git", *what], cwd=ws, capture_output=True, text=True, check=True
+        ).stdout
+    return state
+
+
 @pytest.fixture(scope="session")
-def workspace(tmp_path_factory) -> Path:
-    """A copy of the repo (copy_repo) in which the pipeline has run once."""
-    ws = copy_repo(tmp_path_factory.mktemp("repo"))
-    result = make("finetune", ws)
+def _finished_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A copy of the repo (copy_repo) in which the tiny pipeline has run once, and its snapshot."""
+    ws = copy_repo(tmp_path_factory.mktemp("finished"))
+    result = make("finetune", ws, env={**_env(), "HF_TOKEN": FAKE_TOKEN})
     (ws / "finetune.log").write_text(result.stdout + result.stderr)
+    return ws, snapshot(ws)
+
+
+@pytest.fixture
+def finished_run(_finished_run) -> Path:
+    """The session's finished tiny run, shared: the test must change nothing in it (checked afterwards)."""
+    ws, pristine = _finished_run
+    yield ws
+    now = snapshot(ws)
+    changed = sorted(k for k in pristine.keys() | now.keys() if pristine.get(k) != now.get(k))
+    assert not changed, f"this test changed the shared finished run (use private_run): {changed[:20]}"
+
+
+@pytest.fixture
+def private_run(_finished_run, tmp_path: Path) -> Path:
+    """The test's own copy of the finished run: work tree, git, DVC cache and run cache (not DVC's scratch)."""
+    src, _ = _finished_run
+    ws = tmp_path / "ws"
+
+    def scratch(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder) == src / ".dvc" else []
+
+    shutil.copytree(src, ws, symlinks=True, ignore=scratch)
     return ws
