@@ -170,7 +170,7 @@ def training(steps: int) -> dict:
     olive = str(Path(sys.executable).with_name("olive"))
     seconds: dict[str, dict[int, float]] = {"kit": {}, "plain": {}}
     tokens: dict[int, int] = {}
-    losses: dict[int, dict] = {}  # the logged loss windows of each side: equal when the batches are
+    losses: dict[int, dict] = {}  # each side's logged loss windows: close only when the batches are the same
     for n in (steps, 2 * steps):
         run_cfg = copy.deepcopy(cfg)
         t = run_cfg.train
