@@ -145,6 +145,16 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
     return seconds, result.stdout
 
 
+def olive_command(work: Path) -> list[str]:
+    """`olive run` with the package config of slmkit's passes (written to `work`); append the config's path."""
+    from slmkit import olive_passes
+
+    package = work / olive_run.PACKAGE_CONFIG
+    package.write_text(json.dumps(olive_passes.package_config(), indent=2), encoding="utf-8")
+    olive = str(Path(sys.executable).with_name("olive"))
+    return [olive, "run", "--package-config", str(package), "--config"]
+
+
 def _rendered_splits(cfg, base: str, work: Path) -> None:
     """The train and val splits as the train stage hands them to Olive: work/train.jsonl, work/val.jsonl."""
     from transformers import AutoTokenizer
@@ -167,7 +177,7 @@ def training(steps: int) -> dict:
     base = read_json(stage_dir("base") / "base.json")["model_path"]
     work = (BENCH_DIR / "train").resolve()
     _rendered_splits(cfg, base, work)
-    olive = str(Path(sys.executable).with_name("olive"))
+    olive = olive_command(work)
     seconds: dict[str, dict[int, float]] = {"kit": {}, "plain": {}}
     tokens: dict[int, int] = {}
     losses: dict[int, dict] = {}  # each side's logged loss windows: close only when the batches are the same
@@ -178,7 +188,7 @@ def training(steps: int) -> dict:
         config = olive_config.train_workflow(run_cfg, base, work / "train.jsonl", work / "val.jsonl", work / f"kit{n}")
         path = work / f"kit{n}.json"
         path.write_text(json.dumps(config, indent=2))
-        seconds["kit"][n], _ = _timed([olive, "run", "--config", str(path)])
+        seconds["kit"][n], _ = _timed([*olive, str(path)])
         plain_cmd = [sys.executable, "-m", "slmkit.plain_lora", base, str(work / "train.jsonl"), "--steps", str(n)]
         plain, out = _timed(plain_cmd)
         seconds["plain"][n] = plain
@@ -220,7 +230,7 @@ def overhead() -> dict:
     base = read_json(stage_dir("base") / "base.json")["model_path"]
     work = (BENCH_DIR / "bare_olive").resolve()
     _rendered_splits(cfg, base, work)
-    olive = str(Path(sys.executable).with_name("olive"))
+    olive = olive_command(work)
     adapter = work / "train/output/adapter"
     # Built when their turn comes: the separate build reads the adapter the bare train run wrote.
     configs = {
@@ -241,7 +251,7 @@ def overhead() -> dict:
     for name, config in configs.items():
         path = work / f"{name}.json"
         path.write_text(json.dumps(config(), indent=2))
-        bare[name] = round(_timed([olive, "run", "--config", str(path)])[0], 1)
+        bare[name] = round(_timed([*olive, str(path)])[0], 1)
         kit[name] = round(_timed([dvc, "repro", "--force", "--single-item", name])[0], 1)
         load[name] = round(os.getloadavg()[0], 2)
         log.info("%s: bare olive run %.1f s, kit (dvc repro -f -s %s) %.1f s", name, bare[name], name, kit[name])

@@ -1,17 +1,18 @@
-"""Eject: write the pipeline's model path as one Olive config that `olive run --config` runs alone.
+"""Eject: write the pipeline's model path as one Olive config that `olive run` runs alone.
 
     python scripts/eject.py [OUT_DIR]          (make olive-config; needs `make base` done; OUT_DIR=olive-config)
 
 Writes OUT_DIR/olive_config.json (LoRA/QLoRA/DoRA -> MergeAdapterWeights -> ModelBuilder, the same
-passes, data configs and training arguments as the train, merge and quantize stages) and the rendered
-training data it reads. Then, from the repo root:  olive run --config OUT_DIR/olive_config.json
+passes, data configs and training arguments as the train, merge and quantize stages), the package config
+that registers slmkit's LoRA passes (slmkit.olive_passes) and the rendered training data. Then, from the
+repo root:  olive run --config OUT_DIR/olive_config.json --package-config OUT_DIR/olive_package_config.json
 """
 
 import json
 import sys
 from pathlib import Path
 
-from slmkit import olive_config
+from slmkit import olive_config, olive_passes, olive_run
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.stage import StageError, log, main, read_json, stage_dir, write_text
@@ -34,7 +35,13 @@ def run() -> None:
         )
     workflow = olive_config.single_workflow(cfg, base_path, out / "train_text.jsonl", out / "val_text.jsonl", out)
     write_text(out / "olive_config.json", json.dumps(workflow, indent=2) + "\n")
-    log.info("wrote %s: run it with `olive run --config %s`", out / "olive_config.json", out / "olive_config.json")
+    write_text(out / olive_run.PACKAGE_CONFIG, json.dumps(olive_passes.package_config(), indent=2) + "\n")
+    log.info(
+        "wrote %s: run it with `olive run --config %s --package-config %s`",
+        out / "olive_config.json",
+        out / "olive_config.json",
+        out / olive_run.PACKAGE_CONFIG,
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 
-from slmkit import distributed, lineage, olive_config, olive_run, resources
+from slmkit import distributed, lineage, olive_config, olive_passes, olive_run, resources
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.stage import (
@@ -90,7 +90,7 @@ def run() -> None:
     nproc = cfg.train.nproc_per_node
     started = time.monotonic()
     if nproc == 1:
-        output = olive_run.run_workflow(workflow, work, "LoRA training")
+        output = olive_run.run_workflow(workflow, work, "LoRA training", olive_passes.package_config())
         peaks = None
     else:
         device = distributed.check_devices(nproc)

@@ -107,13 +107,15 @@ def test_config_dry_run_names_the_stages_to_rerun(finished_run: Path):
     assert "none: every stage is up to date" in make("config", finished_run).stdout
 
 
-def test_ejected_olive_config_runs_with_olive_alone(private_run: Path):
+def test_ejected_olive_config_runs_with_olive_run(private_run: Path):
     make("olive-config", private_run)
     config_path = private_run / "olive-config" / "olive_config.json"
     workflow = json.loads(config_path.read_text())
-    assert [p["type"] for p in workflow["passes"].values()] == ["LoRA", "MergeAdapterWeights", "ModelBuilder"]
+    passes = ["CompletionLoRA", "MergeAdapterWeights", "ModelBuilder"]
+    assert [p["type"] for p in workflow["passes"].values()] == passes
     shutil.rmtree(private_run / "olive-config" / "output", ignore_errors=True)
-    run(["olive", "run", "--config", str(config_path)], private_run)
+    package = private_run / "olive-config" / "olive_package_config.json"
+    run(["olive", "run", "--config", str(config_path), "--package-config", str(package)], private_run)
     output = private_run / "olive-config" / "output"
     genai = next(output.rglob("genai_config.json")).parent
     assert (genai / "model.onnx").is_file()

@@ -16,7 +16,7 @@ from olive.hardware.accelerator import AcceleratorSpec
 from olive.package_config import OlivePackageConfig
 from olive.workflows.run.config import RunConfig
 
-from slmkit import olive_config
+from slmkit import olive_config, olive_passes
 from slmkit.config import Config, compose
 from slmkit.olive_data import NAME as PRE_PROCESS_NAME
 from slmkit.olive_data import tokenize_pair
@@ -32,8 +32,9 @@ BUILDER_VARIANTS = {
 
 
 @pytest.fixture(scope="module")
-def olive_passes():
-    return OlivePackageConfig.load_default_config()
+def olive_package():
+    """Olive's package config with slmkit's passes, as the train stage hands it to Olive."""
+    return OlivePackageConfig.parse_file_or_obj(olive_passes.package_config())
 
 
 @pytest.fixture
@@ -71,12 +72,12 @@ def _accelerator(workflow: dict) -> AcceleratorSpec:
     return AcceleratorSpec(accelerator_type=acc["device"], execution_provider=acc["execution_providers"][0])
 
 
-def _olive_pass_config(workflow: dict, olive_passes):
+def _olive_pass_config(workflow: dict, olive_package):
     """Validate the workflow with Olive's RunConfig, then its pass with the pass's own config class."""
     run = RunConfig.parse_file_or_obj(copy.deepcopy(workflow))
     (name,) = run.passes
     run_pass = run.passes[name][0]
-    pass_cls = olive_passes.import_pass_module(run_pass.type)
+    pass_cls = olive_package.import_pass_module(run_pass.type)
     accelerator = _accelerator(workflow)
     # Olive only warns about (and drops) parameters its pass does not know: fail on them here.
     known = set(pass_cls.default_config(accelerator))
@@ -91,7 +92,7 @@ def _olive_pass_config(workflow: dict, olive_passes):
 def test_train_workflow_lora_pass(cfg: Config, paths):
     workflow = olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"])
     lora = _only_pass(workflow)
-    assert lora["type"] == "LoRA"
+    assert lora["type"] == "CompletionLoRA"
     assert lora["r"] == cfg.lora.r
     assert lora["alpha"] == cfg.lora.alpha
     assert lora["lora_dropout"] == cfg.lora.dropout
@@ -187,13 +188,13 @@ def test_training_and_merge_run_on_cpu_whatever_the_builder(paths):
 
 @pytest.mark.parametrize("variant", BUILDER_VARIANTS)
 @pytest.mark.parametrize("stage", ["train", "merge", "quantize"])
-def test_workflow_validates_with_olive(stage: str, variant: str, paths, olive_passes):
+def test_workflow_validates_with_olive(stage: str, variant: str, paths, olive_package):
     workflow = _workflows(compose(BUILDER_VARIANTS[variant]), paths)[stage]
     json.dumps(workflow)  # written to olive_config.json by the stage
-    _olive_pass_config(workflow, olive_passes)
+    _olive_pass_config(workflow, olive_package)
 
 
-def test_olive_rejects_a_broken_config(cfg: Config, paths, olive_passes):
+def test_olive_rejects_a_broken_config(cfg: Config, paths, olive_package):
     """The validation above has teeth: a missing user_script and a bad pass value are caught."""
     workflow = _workflows(cfg, paths)["train"]
     broken = copy.deepcopy(workflow)
@@ -203,19 +204,19 @@ def test_olive_rejects_a_broken_config(cfg: Config, paths, olive_passes):
     broken = copy.deepcopy(workflow)
     broken["passes"]["lora"]["r"] = "sixteen"
     with pytest.raises(ValueError):
-        _olive_pass_config(broken, olive_passes)
+        _olive_pass_config(broken, olive_package)
     broken = copy.deepcopy(workflow)
     broken["passes"]["lora"]["dropout"] = 0.1
     with pytest.raises(AssertionError, match="dropout"):
-        _olive_pass_config(broken, olive_passes)
+        _olive_pass_config(broken, olive_package)
 
 
 @pytest.fixture(scope="module")
-def olive_training_args(_composed: Config, tmp_path_factory, olive_passes):
+def olive_training_args(_composed: Config, tmp_path_factory, olive_package):
     """transformers.TrainingArguments exactly as Olive's LoRA pass builds them from our config."""
     work = tmp_path_factory.mktemp("olive")
     workflow = olive_config.train_workflow(_composed, work / "base", work / "t.jsonl", work / "v.jsonl", work)
-    return _olive_pass_config(workflow, olive_passes).training_args.create_training_args()
+    return _olive_pass_config(workflow, olive_package).training_args.create_training_args()
 
 
 def test_olive_training_args_carry_the_config(olive_training_args, cfg: Config):
@@ -238,10 +239,10 @@ def test_olive_training_args_carry_the_config(olive_training_args, cfg: Config):
     assert args.save_total_limit == 1
 
 
-def test_grouped_sampling_reaches_the_trainer(tmp_path: Path, olive_passes):
+def test_grouped_sampling_reaches_the_trainer(tmp_path: Path, olive_package):
     cfg = compose(["train.sampling=group_by_length"])
     workflow = olive_config.train_workflow(cfg, tmp_path / "base", tmp_path / "t.jsonl", tmp_path / "v.jsonl", tmp_path)
-    args = _olive_pass_config(workflow, olive_passes).training_args.create_training_args()
+    args = _olive_pass_config(workflow, olive_package).training_args.create_training_args()
     assert args.train_sampling_strategy == "group_by_length"
 
 
@@ -351,13 +352,14 @@ def test_olive_loads_the_rendered_data_through_our_component(cfg: Config, tiny_t
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
-def test_each_adapter_method_is_its_olive_pass(method: str, paths, olive_passes):
-    """lora.method maps one to one onto Olive's LoRA / QLoRA / DoRA pass, every key known to the pass."""
+def test_each_adapter_method_is_its_olive_pass(method: str, paths, olive_package):
+    """lora.method maps one to one onto slmkit's LoRA / QLoRA / DoRA pass (Olive's, subclassed), every key
+    known to the pass."""
     cfg = compose([f"lora={method}", *(["builder.adapter=merged"] if method == "dora" else [])])
     workflow = olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"])
     olive_pass = _only_pass(workflow)
     assert olive_pass["type"] == olive_config.OLIVE_PASS[method]
-    checked = _olive_pass_config(workflow, olive_passes)
+    checked = _olive_pass_config(workflow, olive_package)
     if method == "qlora":
         assert (checked.quant_type, checked.double_quant) == ("nf4", True)
     else:
@@ -440,7 +442,7 @@ def _adapter_and_base(paths, targets: list[str], layers: int) -> None:
     (paths["base"] / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
 
 
-def test_separate_adapter_builds_from_the_base_with_its_branches_kept_out_of_int4(paths, olive_passes):
+def test_separate_adapter_builds_from_the_base_with_its_branches_kept_out_of_int4(paths, olive_package):
     cfg = compose(["model=smollm2_135m", "builder.adapter=separate"])
     _adapter_and_base(paths, ["q_proj", "down_proj"], layers=2)
     workflow = olive_config.quantize_workflow(cfg, paths["base"], paths["work"], paths["adapter"])
@@ -452,7 +454,7 @@ def test_separate_adapter_builds_from_the_base_with_its_branches_kept_out_of_int
             for part in ("lora_A", "lora_B"):
                 assert any(name.startswith(f"/model/layers.{layer}/") and f"/{module}/{part}/" in name for name in kept)
     assert not any("/layers.2/" in name or "/k_proj/" in name for name in kept)
-    _olive_pass_config(workflow, olive_passes)  # ModelBuilder knows int4_nodes_to_exclude
+    _olive_pass_config(workflow, olive_package)  # ModelBuilder knows int4_nodes_to_exclude
 
 
 def test_separate_adapter_names_the_parts_of_packed_projections():
@@ -499,10 +501,10 @@ def test_lora_branch_check_fails_on_a_quantized_or_missing_branch(tmp_path: Path
         check_lora_branches(_onnx_with(tmp_path / "missing", good[:1]), 2, tmp_path / "olive.log")
 
 
-def test_builder_prunes_the_lm_head_unless_told_not_to(paths, olive_passes):
+def test_builder_prunes_the_lm_head_unless_told_not_to(paths, olive_package):
     workflow = olive_config.quantize_workflow(compose(["builder.adapter=merged"]), paths["merged"], paths["work"])
     assert _only_pass(workflow)["extra_options"] == {"prune_lm_head": True}
-    _olive_pass_config(workflow, olive_passes)  # Olive's ModelBuilder pass takes extra_options
+    _olive_pass_config(workflow, olive_package)  # Olive's ModelBuilder pass takes extra_options
     cfg = compose(["builder.adapter=merged", "builder.prune_lm_head=false"])
     assert "extra_options" not in _only_pass(olive_config.quantize_workflow(cfg, paths["merged"], paths["work"]))
 

@@ -148,7 +148,7 @@ def _worker(config_path: Path) -> None:
     """One rank: run Olive in this rank's folder, then record its peak memory."""
     import torch
 
-    from slmkit import olive_run, resources
+    from slmkit import olive_passes, olive_run, resources
     from slmkit.config import load_params
     from slmkit.tiny import seed_everything
 
@@ -162,7 +162,7 @@ def _worker(config_path: Path) -> None:
     if rank != 0:
         config["cache_dir"] = str(here / "cache")
         config["output_dir"] = str(here / "output")
-    olive_run.run_workflow(config, here, f"LoRA training (rank {rank})")
+    olive_run.run_workflow(config, here, f"LoRA training (rank {rank})", olive_passes.package_config())
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     peak = {"rank": rank, **resources.peak_memory()}

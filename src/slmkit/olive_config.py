@@ -12,8 +12,9 @@ from slmkit.prompt import build_completion, build_prompt
 # Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
 OLIVE_DATA_SCRIPT = Path(__file__).with_name("olive_data.py")
-# lora.method -> Olive pass type (one to one; see conf/lora/).
-OLIVE_PASS = {"lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA"}
+# lora.method -> Olive pass type (one to one; see conf/lora/): Olive's LoRA, QLoRA and DoRA with logits
+# only where the loss reads them (slmkit.olive_passes; they need its package config, `package_config()`).
+OLIVE_PASS = {"lora": "CompletionLoRA", "qlora": "CompletionQLoRA", "dora": "CompletionDoRA"}
 
 
 def render_split(data: DataConfig, examples: list, eos: str, path: Path) -> None:
@@ -118,6 +119,8 @@ def training_args(cfg: Config, checkpoint_dir: Path) -> dict[str, Any]:
         "overwrite_output_dir": True,
         "report_to": "none",
         "disable_tqdm": True,
+        # Evaluation reads the loss only: without this the Trainer also gathers every eval batch's logits.
+        "prediction_loss_only": True,
         "optim": t.optim,
         "train_sampling_strategy": t.sampling,
     }
