@@ -14,7 +14,7 @@ ARTIFACT ?=
 PY := $(VENV)/bin/python
 # setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
 ENV_STAMP := $(VENV)/.slmkit-$(EXTRA)
-# The stage targets are dvc.yaml's stages (the one list; slmkit.stage.STAGES reads it too): the keys of its
+# The stage targets are dvc.yaml's stages (the one list; slmkit.paths.STAGES reads it too): the keys of its
 # `stages:` block. awk, not Python: this runs before the environment exists.
 STAGES := $(shell awk '/^stages:/ {s = 1; next} /^[^ \#]/ {s = 0} s && /^  [A-Za-z0-9_-]+:/ {sub(/:.*/, ""); print $$1}' dvc.yaml)
 
@@ -73,7 +73,7 @@ sweep: env ## Hydra multirun, one DVC experiment per job: make sweep ARGS="lora.
 	$(RUNLOCK) dvc repro base
 	$(PY) scripts/sweep.py --multirun $(ARGS)
 
-olive-config: env ## Eject: one Olive config for `olive run --config olive-config/olive_config.json`
+olive-config: env ## Eject: one Olive config (+ package config) for `olive run` (command printed)
 	$(PY) scripts/compose.py $(ARGS)
 	$(RUNLOCK) dvc repro base
 	$(PY) scripts/eject.py olive-config

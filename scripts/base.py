@@ -13,8 +13,10 @@ base.json points at them.
 from slmkit import gguf, hub, lineage, resources
 from slmkit.config import load_params
 from slmkit.data import read_split
+from slmkit.files import atomic_dir, write_json
+from slmkit.paths import stage_dir
 from slmkit.prompt import build_training_text
-from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
+from slmkit.stage import log, main
 
 
 def run() -> None:

@@ -27,8 +27,10 @@ from pathlib import Path
 from slmkit import bench, olive_config, olive_run
 from slmkit.config import compose, load_params
 from slmkit.data import read_split
+from slmkit.files import read_json, write_json
+from slmkit.paths import ARTIFACTS, METRICS, stage_dir
 from slmkit.prompt import build_prompt
-from slmkit.stage import ARTIFACTS, METRICS, StageError, log, main, read_json, stage_dir, write_json
+from slmkit.stage import StageError, log, main
 
 BENCH_JSON = METRICS / "bench.json"
 BENCH_DIR = ARTIFACTS / "bench"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from slmkit import arch
 from slmkit.config import ConfigError, compose, to_yaml
-from slmkit.stage import write_text
+from slmkit.files import write_text
 
 PARAMS = Path("params.yaml")
 # This checkout's conf/ (beside this script), not the conf/ of wherever the slmkit package is installed

@@ -15,7 +15,9 @@ from pathlib import Path
 from slmkit import olive_config, olive_passes, olive_run
 from slmkit.config import load_params
 from slmkit.data import read_split
-from slmkit.stage import StageError, log, main, read_json, stage_dir, write_text
+from slmkit.files import read_json, write_text
+from slmkit.paths import stage_dir
+from slmkit.stage import StageError, log, main
 
 
 def run() -> None:

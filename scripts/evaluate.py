@@ -19,18 +19,9 @@ from slmkit import inference, lineage
 from slmkit.config import DECODINGS, load_params
 from slmkit.data import read_split
 from slmkit.evaluate import INVALID, TIMINGS_FILE, bag_of_words_baseline, parity_gate, score
-from slmkit.stage import (
-    CONFUSION_DIR,
-    EVAL_JSON,
-    atomic_dir,
-    log,
-    main,
-    onnx_metrics_key,
-    read_json,
-    stage_dir,
-    write_json,
-    write_text,
-)
+from slmkit.files import atomic_dir, read_json, write_json, write_text
+from slmkit.paths import CONFUSION_DIR, EVAL_JSON, onnx_metrics_key, stage_dir
+from slmkit.stage import log, main
 
 
 def run() -> None:

@@ -7,8 +7,10 @@ import shutil
 
 from slmkit import lineage, olive_config, olive_run, resources
 from slmkit.config import load_params
+from slmkit.files import atomic_dir, read_json
 from slmkit.inference import save_prompt_config
-from slmkit.stage import atomic_dir, main, read_json, stage_dir
+from slmkit.paths import stage_dir
+from slmkit.stage import main
 
 
 def run() -> None:

@@ -6,7 +6,9 @@ python scripts/prepare.py        (reads params.yaml; writes artifacts/prepare/)
 from slmkit import lineage
 from slmkit.config import load_params
 from slmkit.data import SPLITS, DataError, label_counts, read_examples, sha256_file, split_examples, write_split
-from slmkit.stage import atomic_dir, log, main, stage_dir, write_json
+from slmkit.files import atomic_dir, write_json
+from slmkit.paths import stage_dir
+from slmkit.stage import log, main
 
 
 def run() -> None:

@@ -12,8 +12,10 @@ import shutil
 
 from slmkit import lineage, olive_config, olive_run, resources
 from slmkit.config import load_params
+from slmkit.files import atomic_dir, read_json
 from slmkit.inference import GenaiModel, save_prompt_config
-from slmkit.stage import TRAIN_LOSS_CSV, StageError, atomic_dir, log, main, read_json, stage_dir
+from slmkit.paths import TRAIN_LOSS_CSV, stage_dir
+from slmkit.stage import StageError, log, main
 
 # Olive's bookkeeping, not part of the model folder.
 OLIVE_FILES = ("footprint.json", "output_footprint.json", "model_config.json", "run_history.txt")

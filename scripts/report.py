@@ -13,8 +13,10 @@ from slmkit import lineage
 from slmkit.bench import folder_size
 from slmkit.config import load_params
 from slmkit.evaluate import TIMINGS_FILE
+from slmkit.files import read_json, write_text
+from slmkit.paths import EVAL_JSON, METRICS, TRAIN_LOSS_CSV, stage_dir
 from slmkit.report import render
-from slmkit.stage import EVAL_JSON, METRICS, TRAIN_LOSS_CSV, StageError, log, main, read_json, stage_dir, write_text
+from slmkit.stage import StageError, log, main
 
 REPORTS = Path("reports")
 

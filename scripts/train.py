@@ -17,17 +17,9 @@ import time
 from slmkit import distributed, lineage, olive_config, olive_passes, olive_run, resources
 from slmkit.config import load_params
 from slmkit.data import read_split
-from slmkit.stage import (
-    TRAIN_LOSS_CSV,
-    StageError,
-    atomic_dir,
-    log,
-    main,
-    read_json,
-    stage_dir,
-    write_json,
-    write_text,
-)
+from slmkit.files import atomic_dir, read_json, write_json, write_text
+from slmkit.paths import TRAIN_LOSS_CSV, stage_dir
+from slmkit.stage import StageError, log, main
 from slmkit.tiny import seed_everything
 
 

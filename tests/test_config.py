@@ -25,7 +25,7 @@ from slmkit.config import (
     to_yaml,
     validate,
 )
-from slmkit.stage import STAGES, stage_dir
+from slmkit.paths import STAGES, stage_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_SCRIPT = REPO_ROOT / "scripts" / "compose.py"

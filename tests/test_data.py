@@ -22,7 +22,7 @@ from slmkit.data import (
     split_examples,
     write_split,
 )
-from slmkit.stage import atomic_dir
+from slmkit.files import atomic_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

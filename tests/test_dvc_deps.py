@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from slmkit.stage import STAGES
+from slmkit.paths import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "slmkit"
@@ -115,19 +115,19 @@ def test_the_walk_follows_imports_transitively_and_inside_functions(tmp_path: Pa
 
 
 def test_stages_are_read_from_dvc_yaml_in_its_order(tmp_path: Path, monkeypatch):
-    from slmkit import stage
+    from slmkit import paths
 
     assert tuple(_stages()) == STAGES
     dvc_yaml = tmp_path / "dvc.yaml"
     dvc_yaml.write_text("stages:\n  b:\n    cmd: x\n  a:\n    cmd: y\n")
-    assert stage._pipeline_stages(dvc_yaml) == ("b", "a")
-    assert stage._pipeline_stages(tmp_path / "absent.yaml") == ()
+    assert paths._pipeline_stages(dvc_yaml) == ("b", "a")
+    assert paths._pipeline_stages(tmp_path / "absent.yaml") == ()
     # Installed from a folder without dvc.yaml (the container's /build): the pipeline's, where it runs.
-    monkeypatch.setattr(stage, "DVC_YAML", tmp_path / "build" / "dvc.yaml")
+    monkeypatch.setattr(paths, "DVC_YAML", tmp_path / "build" / "dvc.yaml")
     monkeypatch.chdir(tmp_path)
-    assert stage._pipeline_stages() == ("b", "a")
+    assert paths._pipeline_stages() == ("b", "a")
     dvc_yaml.unlink()
-    assert stage._pipeline_stages() == ()
+    assert paths._pipeline_stages() == ()
 
 
 def test_makefile_stage_targets_come_from_dvc_yaml():

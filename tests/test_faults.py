@@ -22,8 +22,11 @@ import pytest
 
 from slmkit import olive_config, resources
 from slmkit.config import compose, to_yaml
+from slmkit.files import atomic_dir
+from slmkit.paths import ARTIFACTS
+from slmkit.redact import redact
 from slmkit.runlock import BUSY_EXIT
-from slmkit.stage import ARTIFACTS, StageError, atomic_dir, redact
+from slmkit.stage import StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_" + "Zq8" * 12  # looks like a Hugging Face token; never a real one
@@ -69,7 +72,9 @@ def _prepare(ws: Path, limit_bytes: int | None = None, **env: str) -> subprocess
 STAND_IN = textwrap.dedent(
     """
     import sys, time
-    from slmkit.stage import atomic_dir, main, stage_dir
+    from slmkit.files import atomic_dir
+    from slmkit.paths import stage_dir
+    from slmkit.stage import main
 
     def run():
         with atomic_dir(stage_dir("train")) as out:
@@ -104,7 +109,9 @@ def test_signal_during_a_stage_keeps_the_previous_output_and_says_so(tmp_path: P
 SWALLOWING_STAND_IN = textwrap.dedent(
     """
     import time
-    from slmkit.stage import atomic_dir, main, stage_dir
+    from slmkit.files import atomic_dir
+    from slmkit.paths import stage_dir
+    from slmkit.stage import main
 
     def run():
         with atomic_dir(stage_dir("train")) as out:

@@ -25,7 +25,7 @@ from workspace import FAKE_TOKEN, VENV, _env, run_group
 
 from slmkit import resources
 from slmkit.config import compose
-from slmkit.stage import STAGES
+from slmkit.paths import STAGES
 
 pytestmark = pytest.mark.slow
 

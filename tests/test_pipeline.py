@@ -12,7 +12,7 @@ from workspace import VENV, make, run
 
 from slmkit.config import compose, load_params
 from slmkit.data import sha256_file
-from slmkit.stage import STAGES
+from slmkit.paths import STAGES
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import pytest
 
 from slmkit.config import compose, to_yaml
 from slmkit.olive_run import require
-from slmkit.stage import StageError, stage_dir
+from slmkit.paths import stage_dir
+from slmkit.stage import StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from slmkit import sweep
 from slmkit.config import ConfigError, compose, to_dict
+from slmkit.paths import STAGES
 from slmkit.plan import changed_params, upstream
-from slmkit.stage import STAGES, StageError
+from slmkit.stage import StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from slmkit.config import DECODINGS
 from slmkit.inference import DEFAULT_BATCH_SIZE, DEFAULT_DECODING
-from slmkit.stage import EVAL_JSON, stage_dir
+from slmkit.paths import EVAL_JSON, stage_dir
 
 DEFAULT_MODEL = stage_dir("quantize") / "model"
 # --model accepts a folder or one of these names for the pipeline's outputs.
@@ -25,7 +25,7 @@ def _resolve_model(name: str) -> tuple[Path, object]:
     from slmkit.config import load_params
 
     if name == "base":  # the base has no slmkit_prompt.json: it never saw the prompt; use params.yaml's
-        from slmkit.stage import read_json
+        from slmkit.files import read_json
 
         base = stage_dir("base") / "base.json"
         if not base.exists():

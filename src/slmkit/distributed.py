@@ -25,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from slmkit.stage import Interrupted, StageError, log, raise_if_interrupted
+from slmkit.interrupt import Interrupted, raise_if_interrupted
+from slmkit.stage import StageError, log
 
 # What each rank leaves in the work folder beside Olive's log: its peak memory.
 RANK_STATS = "rank{rank}_stats.json"

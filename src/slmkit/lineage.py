@@ -51,7 +51,8 @@ def write(
     `inputs`: sha256 of other files the output was made from (the base stage's GGUF checkpoint).
     The run record (time, commit) is written by `write_run` once the output is in place.
     """
-    from slmkit.stage import read_json, stage_dir, write_json
+    from slmkit.files import read_json, write_json
+    from slmkit.paths import stage_dir
 
     if manifest is None:
         manifest = read_json(stage_dir("prepare") / "manifest.json")
@@ -107,7 +108,7 @@ def record(stage: str, cfg: Config, sections: tuple[str, ...], manifest: dict) -
 
 def run_dir(stage: str) -> Path:
     """Where a stage keeps what describes its last run here, not its output (artifacts/runs/<stage>/)."""
-    from slmkit.stage import ARTIFACTS
+    from slmkit.paths import ARTIFACTS
 
     return ARTIFACTS / "runs" / stage
 
@@ -130,7 +131,8 @@ def run_record(stage: str, lineage_sha256: str, started: float, finished: float)
 
 def write_run(stage: str, started: float, finished: float) -> dict | None:
     """Write the run record of a stage whose output (with its lineage.json) is now in place."""
-    from slmkit.stage import stage_dir, write_json
+    from slmkit.files import write_json
+    from slmkit.paths import stage_dir
 
     file = stage_dir(stage) / "lineage.json"
     if not file.exists():  # a stage that failed before committing its output: nothing to describe
@@ -154,7 +156,7 @@ def _matching_run(stage: str, lineage_bytes: bytes) -> dict | None:
 
 def chain(path: str | Path) -> list[dict]:
     """Lineage records of the stage that wrote `path` and of every stage before it, oldest first."""
-    from slmkit.stage import ARTIFACTS, STAGES
+    from slmkit.paths import ARTIFACTS, STAGES
 
     path = Path(path).resolve()
     artifacts = ARTIFACTS.resolve()

@@ -9,7 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
-from slmkit.stage import RedactFilter, StageError, raise_if_interrupted, redact_all_handlers, stage_dir
+from slmkit.interrupt import raise_if_interrupted
+from slmkit.paths import stage_dir
+from slmkit.redact import RedactFilter, redact_all_handlers
+from slmkit.stage import StageError
 
 # What each Olive-driven stage keeps of its Olive run: the config (stable) in its output, the log (times,
 # timings) in its run folder, outside the DVC-tracked output (slmkit.lineage).

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from slmkit import arch
 from slmkit.config import Config, ModelConfig
-from slmkit.stage import ARTIFACTS, StageError
+from slmkit.paths import ARTIFACTS
+from slmkit.stage import StageError
 
 log = logging.getLogger(__name__)
 

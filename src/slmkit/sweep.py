@@ -24,7 +24,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from slmkit.config import Config, to_yaml, validate
-from slmkit.stage import EVAL_JSON, StageError, onnx_metrics_key, write_json
+from slmkit.files import write_json
+from slmkit.paths import EVAL_JSON, onnx_metrics_key
+from slmkit.stage import StageError
 
 log = logging.getLogger("slmkit.sweep")
 
