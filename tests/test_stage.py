@@ -50,6 +50,9 @@ def test_prepare_writes_splits_and_manifest(tmp_path: Path):
     assert manifest["examples"] == 20 * len(labels)
     assert sum(s["count"] for s in manifest["splits"].values()) == manifest["examples"]
     assert "dropped 1 exact repeat" in result.stderr
+    # prepare never imports PyTorch (~1 s a process), not even to say in its run record which GPU it did not use.
+    device = json.loads((tmp_path / "artifacts/runs/prepare/run.json").read_text())["device"]
+    assert device["machine"] and "gpu" not in device and "cuda" not in device
 
 
 def test_prepare_truncates_long_phrases_when_configured_and_counts_them(tmp_path: Path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import subprocess
+import sys
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -81,11 +82,13 @@ def _versions() -> dict[str, str | None]:
 
 
 def _device() -> dict[str, object]:
-    import torch
-
+    """The machine; and the GPU when the stage used PyTorch (a stage that never imported it, like prepare,
+    does not pay the ~1 s import just to say which GPU it did not use)."""
     info: dict[str, object] = {"machine": platform.machine(), "python": platform.python_version()}
-    info["cuda"] = torch.version.cuda
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
 
 
