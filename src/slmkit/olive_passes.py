@@ -44,10 +44,14 @@ def collate_completion(batch: list[dict], tokenizer) -> dict[str, Any]:
     return out
 
 
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def takes_completion_inputs(model) -> bool:
     """Whether the model's forward takes logits_to_keep and passes other keywords (shift_labels) on."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
+    params = inspect.signature(_base_model(model).forward).parameters
     return "logits_to_keep" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
@@ -60,7 +64,7 @@ class _CompletionLoss:
         else:
             log.warning(
                 "%s's forward takes no logits_to_keep: training on logits at every position (slower, same loss)",
-                type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
+                type(_base_model(model)).__name__,
             )
         return super().train_and_save_new_model(model, tokenizer, config, output_model, output_model_path)
 
