@@ -151,8 +151,7 @@ def olive_command(work: Path) -> list[str]:
     """`olive run` with the package config of slmkit's passes (written to `work`); append the config's path."""
     from slmkit import olive_passes
 
-    package = work / olive_run.PACKAGE_CONFIG
-    package.write_text(json.dumps(olive_passes.package_config(), indent=2), encoding="utf-8")
+    package = olive_passes.write_package_config(work)
     olive = str(Path(sys.executable).with_name("olive"))
     return [olive, "run", "--package-config", str(package), "--config"]
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from slmkit import olive_config, olive_passes, olive_run
+from slmkit import olive_config, olive_passes
 from slmkit.config import load_params
 from slmkit.data import read_split
 from slmkit.files import read_json, write_text
@@ -37,12 +37,12 @@ def run() -> None:
         )
     workflow = olive_config.single_workflow(cfg, base_path, out / "train_text.jsonl", out / "val_text.jsonl", out)
     write_text(out / "olive_config.json", json.dumps(workflow, indent=2) + "\n")
-    write_text(out / olive_run.PACKAGE_CONFIG, json.dumps(olive_passes.package_config(), indent=2) + "\n")
+    package = olive_passes.write_package_config(out)
     log.info(
         "wrote %s: run it with `olive run --config %s --package-config %s`",
         out / "olive_config.json",
         out / "olive_config.json",
-        out / olive_run.PACKAGE_CONFIG,
+        package,
     )
 
 

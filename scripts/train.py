@@ -82,7 +82,7 @@ def run() -> None:
     nproc = cfg.train.nproc_per_node
     started = time.monotonic()
     if nproc == 1:
-        output = olive_run.run_workflow(workflow, work, "LoRA training", olive_passes.package_config())
+        output = olive_run.run_workflow(workflow, work, "LoRA training", olive_passes.write_package_config(work))
         peaks = None
     else:
         device = distributed.check_devices(nproc)

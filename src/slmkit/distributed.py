@@ -163,7 +163,7 @@ def _worker(config_path: Path) -> None:
     if rank != 0:
         config["cache_dir"] = str(here / "cache")
         config["output_dir"] = str(here / "output")
-    olive_run.run_workflow(config, here, f"LoRA training (rank {rank})", olive_passes.package_config())
+    olive_run.run_workflow(config, here, f"LoRA training (rank {rank})", olive_passes.write_package_config(here))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     peak = {"rank": rank, **resources.peak_memory()}

@@ -20,15 +20,20 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from olive.data.constants import IGNORE_INDEX
 from olive.package_config import OlivePackageConfig
 from olive.passes.pytorch import lora as olive_lora
 
+from slmkit.files import write_text
 from slmkit.olive_config import OLIVE_PASS
 
 log = logging.getLogger(__name__)
+
+# Where write_package_config puts it, beside the workflow's olive_config.json.
+PACKAGE_CONFIG = "olive_package_config.json"
 
 
 def collate_completion(batch: list[dict], tokenizer) -> dict[str, Any]:
@@ -90,3 +95,10 @@ def package_config() -> dict[str, Any]:
         parent = globals()[name].__mro__[2].__name__  # (the class, _CompletionLoss, Olive's pass, ...)
         passes[name] = {**passes[parent], "module_path": f"{__name__}.{name}"}
     return config
+
+
+def write_package_config(folder: Path) -> Path:
+    """Write package_config() into `folder` for Olive (`olive run --package-config`); return the file."""
+    path = Path(folder) / PACKAGE_CONFIG
+    write_text(path, json.dumps(package_config(), indent=2) + "\n")
+    return path

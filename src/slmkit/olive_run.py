@@ -17,8 +17,6 @@ from slmkit.stage import StageError
 # What each Olive-driven stage keeps of its Olive run: the config (stable) in its output, the log (times,
 # timings) in its run folder, outside the DVC-tracked output (slmkit.lineage).
 RECORD_FILES = ("olive_config.json",)
-# The package config slmkit's own passes need (`olive run --config ... --package-config ...`).
-PACKAGE_CONFIG = "olive_package_config.json"
 RUN_FILES = ("olive.log",)
 
 log = logging.getLogger(__name__)
@@ -61,19 +59,17 @@ def opt_out_of_telemetry() -> None:
             os.environ["CI"] = saved
 
 
-def run_workflow(config: dict, work_dir: Path, what: str, package_config: dict | None = None) -> Path:
+def run_workflow(config: dict, work_dir: Path, what: str, package_config: Path | None = None) -> Path:
     """Run `config` with Olive, logging to work_dir/olive.log; return Olive's output folder.
 
-    `package_config`: Olive's package config (which class each pass type is), for slmkit's own passes
-    (slmkit.olive_passes); written beside the config as olive_package_config.json."""
+    `package_config`: the file of Olive's package config that registers slmkit's own passes
+    (slmkit.olive_passes.write_package_config), for a workflow that uses them."""
     opt_out_of_telemetry()
     from olive.workflows import run
 
     redact_all_handlers()  # Olive logs to the console through its own handler
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "olive_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    if package_config is not None:
-        (work_dir / PACKAGE_CONFIG).write_text(json.dumps(package_config, indent=2), encoding="utf-8")
     log_path = work_dir / "olive.log"
     handler = logging.FileHandler(log_path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
@@ -82,7 +78,8 @@ def run_workflow(config: dict, work_dir: Path, what: str, package_config: dict |
     olive_logger.addHandler(handler)
     log.info("running Olive %s (log: %s)", what, log_path)
     try:
-        run(copy.deepcopy(config), package_config=package_config)  # Olive mutates the dict it is given
+        package = str(package_config) if package_config else None
+        run(copy.deepcopy(config), package_config=package)  # Olive mutates the dict it is given
     except Exception as err:
         raise StageError(
             f"Olive {what} failed: {type(err).__name__}: {err}\n{_relevant_lines(log_path)}\n  full log: {log_path}"
