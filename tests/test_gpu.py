@@ -1,6 +1,7 @@
 """GPU tier (`pytest -m gpu`, device machine only, never in CI): the real Phi-3-mini-4k layout (3.8 B
 parameters, random weights built on the machine, no download) through LoRA and QLoRA, merge and the
-int4 CUDA build; each run's numbers go to metrics/gpu.json for docs/scaling.md.
+int4 CUDA build; each run's numbers go to $SLMKIT_GPU_RESULTS (a JSON file; the device run points it
+at its $OUT), else to the session's temporary folder: never into the working tree.
 
 Needs the CUDA lock installed in the running interpreter (requirements/cuda.txt: olive-ai, bitsandbytes,
 onnxruntime-gpu, onnxruntime-genai-cuda) and a CUDA GPU."""
@@ -12,7 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
-from workspace import REPO_ROOT, copy_repo, make
+from workspace import copy_repo, make
 
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
@@ -77,7 +78,10 @@ def _int4_cuda_vs_torch_bf16(ws: Path) -> dict:
 
 
 def _record(key: str, record: dict) -> None:
-    out = REPO_ROOT / "metrics" / "gpu.json"
+    import os
+    import tempfile
+
+    out = Path(os.environ.get("SLMKIT_GPU_RESULTS") or Path(tempfile.gettempdir()) / "slmkit-gpu.json")
     results = json.loads(out.read_text()) if out.exists() else {}
     results[key] = record
     out.write_text(json.dumps(results, indent=2) + "\n")

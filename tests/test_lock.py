@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -90,3 +91,48 @@ def test_dockerfile_base_is_ubuntu_22_04_with_the_cuda_major_onnxruntime_gpu_nee
     assert _lock("cuda")["onnxruntime-gpu"] == "1.26.0" and m.group(1) == "12"
     assert "uv:0." in dockerfile, "uv is pinned"
     assert re.search(r"^USER \$\{USER_UID\}$", dockerfile, re.M), "runs as a non-root user"
+
+
+def _setup_calls(tmp_path: Path, extra: str) -> list[list[str]]:
+    """The pip commands scripts/setup.sh runs for `extra`, recorded by a stand-in interpreter (no install)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "calls"
+    stub = venv / "bin" / "python"
+    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {log}\nprintf "\\n" >> {log}\n')
+    stub.chmod(0o755)
+    subprocess.run(["bash", "scripts/setup.sh", extra, str(venv)], cwd=REPO_ROOT, check=True, capture_output=True)
+    return [line.strip("\0").split("\0") for line in log.read_text().splitlines() if line]
+
+
+def test_setup_installs_the_cpu_torch_from_pytorchs_index_and_the_rest_from_pypi(tmp_path: Path):
+    """The CPU lock's torch (+cpu) exists only on PyTorch's own index: the set-up names it, for that package
+    alone (a machine with PyPI and that index, nothing preinstalled, installs the lock)."""
+    cpu_torch = f"torch=={_lock('cpu')['torch']}"
+    assert cpu_torch.endswith("+cpu")
+    calls = _setup_calls(tmp_path, "cpu")
+    first = calls[0]
+    assert first[-1] == cpu_torch and "--no-deps" in first
+    assert first[first.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"
+    assert calls[1][-2:] == ["-r", "requirements/cpu.txt"]
+    assert not any("--extra-index-url" in call or "--index-url" in call for call in calls[1:])
+    # The CUDA lock's torch is PyPI's own build: no second index.
+    assert not any("--extra-index-url" in call for call in _setup_calls(tmp_path / "cuda", "cuda"))
+    # One place names the index: not the Dockerfile, not the Makefile (both run setup.sh).
+    local = [n for extra in LOCKS for n, v in _lock(extra).items() if "+" in v]
+    assert local == ["torch"], f"packages only a non-PyPI index has: {local}"
+    for path in ("docker/Dockerfile", "Makefile"):
+        assert (
+            "download.pytorch.org" not in (REPO_ROOT / path).read_text()
+            and "INDEX_URL" not in (REPO_ROOT / path).read_text()
+        ), path
+
+
+@pytest.mark.parametrize("extra", sorted(LOCKS))
+def test_the_lock_holds_what_the_editable_install_builds_with(extra: str):
+    """setup.sh installs the project with --no-build-isolation: its build requirements come from the lock."""
+    lock = _lock(extra)
+    for spec in _pyproject()["build-system"]["requires"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        assert name in lock and req.specifier.contains(lock[name]), f"{spec} not locked in {LOCKS[extra].name}"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from workspace import VENV, make, run
 
+from slmkit import gate
 from slmkit.config import compose, load_params
 from slmkit.data import sha256_file
 from slmkit.paths import STAGES
@@ -88,13 +89,21 @@ def test_eval_metrics(finished_run: Path):
         assert metrics[name]["n"] == n_test
         assert 0 <= metrics[name]["accuracy"] <= 1
     chance = 1 / len(labels)
-    # The fine-tuned model must beat guessing clearly, and quantization must not break it.
+    # The fine-tuned model must beat guessing clearly.
     assert metrics["merged_pytorch"]["accuracy"] > chance + 0.1
-    assert abs(metrics["int4_onnx"]["accuracy"] - metrics["merged_pytorch"]["accuracy"]) <= 0.05
-    assert metrics["int4_onnx"]["invalid_rate"] < 0.1
     preds = [json.loads(line) for line in (finished_run / "artifacts/evaluate/predictions.jsonl").open()]
     assert len(preds) == n_test
     assert {p["int4_onnx_pred"] for p in preds} <= {*labels, None}
+    # Each accuracy is what the predictions say, phrase by phrase.
+    for name in ("int4_onnx", "merged_pytorch"):
+        correct = sum(p[f"{name}_pred"] == p["label"] for p in preds)
+        assert metrics[name]["accuracy"] == pytest.approx(correct / n_test), name
+    # The gate's verdict is on these figures and on the model in place, and it lets the model ship.
+    verdict = json.loads((finished_run / "artifacts/evaluate/gate.json").read_text())
+    assert verdict["verdict"] == "passed", verdict
+    assert verdict["accuracy"] == metrics["int4_onnx"]["accuracy"]
+    assert verdict["reference_accuracy"] == metrics["merged_pytorch"]["accuracy"]
+    assert gate.check(finished_run / "artifacts/quantize/model") == verdict
 
 
 def test_classify_prints_a_label(finished_run: Path):

@@ -91,7 +91,8 @@ def test_parity_gate_and_the_bar(real: Path):
     assert int4 >= metrics["merged_pytorch"]["accuracy"] - tolerance
     # The issue's aims for the default: >= 0.85, 10 points above bag-of-words, every output a label.
     assert int4 >= 0.85 and int4 >= metrics["bag_of_words"]["accuracy"] + 0.10
-    assert metrics["int4_onnx"]["invalid_rate"] == 0
+    verdict = json.loads((real / "artifacts/evaluate/gate.json").read_text())
+    assert verdict["verdict"] == "passed" and verdict["accuracy"] == int4, verdict
     assert "Test accuracy" in (real / "finetune.log").read_text()
 
 
@@ -100,3 +101,19 @@ def test_stop_decoding_writes_the_label_then_the_end_of_turn(real: Path):
     phrases = ["I can't stop smiling today!", "Nobody came to the funeral."]
     preds = clf.classify(phrases, decoding="stop")
     assert all(p.label in clf.data.labels for p in preds), preds
+
+
+def test_a_copy_in_another_folder_reproduces_the_committed_data_and_base(real: Path):
+    """The committed dvc.lock's prepare and base outputs, byte for byte, from a copy in a temporary folder.
+
+    These two stages do no floating-point training: any machine reproduces them. The stages after them
+    reproduce the committed hashes on a machine of the same CPU kind and thread count (the two-folder
+    rebuild in tests/test_versioning.py checks that on whatever machine runs the tests)."""
+    import yaml
+    from workspace import REPO_ROOT
+
+    committed = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"]
+    ran = yaml.safe_load((real / "dvc.lock").read_text())["stages"]
+    for stage in ("prepare", "base"):
+        assert ran[stage]["outs"] == committed[stage]["outs"], stage
+    assert (real / "params.yaml").read_text() == (REPO_ROOT / "params.yaml").read_text()

@@ -56,13 +56,23 @@ def test_pull_into_a_fresh_clone_then_finetune_trains_nothing(private_run: Path,
     assert "int4_onnx" in out.stdout
 
 
-def test_retraining_gives_bit_identical_adapter(private_run: Path):
-    """Same data + config + machine + thread count => same adapter weights (seeds everywhere, deterministic kernels).
+def test_rebuilding_in_another_folder_gives_the_same_bytes(finished_run: Path, private_run: Path):
+    """Same data + config + machine + thread count => the same outputs, byte for byte, wherever the repo lives.
 
-    The thread count belongs to "machine": CPU kernels sum in a different order with another number of
-    threads (measured: the tiny adapter trained with OMP_NUM_THREADS=1 differs from the one trained with 2).
-    This ran as an xfail while the slow tier shared one workspace: a fault test had retrained it with one
-    thread before this test retrained it with the default count."""
-    before = sha256_file(private_run / ADAPTER)
-    run([str(VENV / "bin" / "dvc"), "repro", "--force", "--single-item", "train"], private_run)
-    assert sha256_file(private_run / ADAPTER) == before
+    The finished run built in one folder; its private copy, at another depth under another name, rebuilds
+    prepare, base and train from scratch (seeds everywhere, deterministic kernels, no absolute paths in
+    the outputs): dvc.lock, the adapter and every file DVC tracks must come out as they were. The thread
+    count belongs to "machine": CPU kernels sum in a different order with another number of threads
+    (measured: the tiny adapter trained with OMP_NUM_THREADS=1 differs from the one trained with 2)."""
+    elsewhere = private_run
+    assert len(elsewhere.parts) != len(finished_run.parts)
+    lock = (finished_run / "dvc.lock").read_text()
+    run([str(VENV / "bin" / "dvc"), "repro", "--force", "train"], elsewhere)
+    ran = (elsewhere / "dvc.lock").read_text()
+    assert ran == lock, "dvc.lock changed when rebuilt in another folder"
+    for stage in ("prepare", "base", "train"):
+        for path in sorted((finished_run / "artifacts" / stage).rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(finished_run)
+                assert sha256_file(elsewhere / rel) == sha256_file(path), rel
+    assert sha256_file(elsewhere / ADAPTER) == sha256_file(finished_run / ADAPTER)

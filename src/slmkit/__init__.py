@@ -10,7 +10,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def load(path, **kwargs):
-    """Load a model folder written by the pipeline: `slmkit.load("artifacts/quantize/model").classify([...])`."""
+    """Load a model folder written by the pipeline: `slmkit.load("artifacts/quantize/model").classify([...])`.
+
+    The pipeline's int4 model loads once the parity gate passed it (`ungated=True` loads it anyway).
+    """
     from slmkit.inference import load as _load
 
     return _load(path, **kwargs)

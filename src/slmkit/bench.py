@@ -241,7 +241,7 @@ def batch_vs_loop(
     """
     from slmkit.inference import default_threads, load
 
-    clf = load(path, batch_size=batch_size, threads=threads, decoding=decoding)
+    clf = load(path, batch_size=batch_size, threads=threads, decoding=decoding, ungated=True)  # measured, not used
     clf.classify(texts[:batch_size])  # warm-up of both paths (first calls allocate)
     clf.classify(texts[:2], batch_size=1)
     start = time.perf_counter()

@@ -15,6 +15,7 @@ DEFAULT_MODEL = stage_dir("quantize") / "model"
 # --model accepts a folder or one of these names for the pipeline's outputs.
 # Phrases of a file classified before their labels are printed (in input order).
 PRINT_CHUNK = 1024
+UNGATED = "use the pipeline's model even though the parity gate did not pass it (slmkit gate says why)"
 MODEL_NAMES = {"int4": DEFAULT_MODEL, "onnx": DEFAULT_MODEL, "merged": stage_dir("merge") / "model", "base": None}
 
 
@@ -63,6 +64,7 @@ def _read_phrases(args: argparse.Namespace) -> list[str]:
 
 def _load(args: argparse.Namespace, command: str):
     """The model --model names, or None after printing why it cannot be loaded (the command exits 1)."""
+    from slmkit.gate import NotShipped
     from slmkit.inference import load
 
     try:
@@ -74,8 +76,9 @@ def _load(args: argparse.Namespace, command: str):
             decoding=getattr(args, "decoding", DEFAULT_DECODING),
             batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
             threads=getattr(args, "threads", 0) or None,
+            ungated=args.ungated,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, NotShipped) as err:
         print(f"slmkit {command}: error: {err}", file=sys.stderr)
         return None
 
@@ -147,12 +150,35 @@ def _prompt_line() -> str | None:
     return line if line.strip() else _prompt_line()
 
 
+def _gate(args: argparse.Namespace) -> int:
+    """The parity gate's verdict on a model folder: exit 0 only when it may ship."""
+    from slmkit.gate import NotShipped, check
+
+    try:
+        record = check(args.path)
+    except NotShipped as err:
+        print(f"slmkit gate: not shippable: {err}", file=sys.stderr)
+        return 1
+    if record is None:
+        print(f"slmkit gate: {args.path} was not built by this pipeline: no gate applies", file=sys.stderr)
+        return 1
+    from slmkit.gate import describe
+
+    print(f"{args.path}: parity gate {describe(record)}")
+    return 0
+
+
 def _summary(args: argparse.Namespace) -> int:
     if not EVAL_JSON.exists():
         print(f"{EVAL_JSON} not found: run `make finetune`", file=sys.stderr)
         return 1
     metrics = json.loads(EVAL_JSON.read_text())
     print(f"\nModel: {DEFAULT_MODEL}/  (onnxruntime-genai folder)")
+    gate_json = stage_dir("evaluate") / "gate.json"
+    if gate_json.exists():
+        from slmkit.gate import describe
+
+        print(f"Parity gate: {describe(json.loads(gate_json.read_text()))}")
     print(f"Test accuracy ({metrics.get('decoding', 'stop')} decoding):")
     for name, m in metrics.items():
         if not isinstance(m, dict) or "accuracy" not in m:
@@ -175,7 +201,16 @@ def _lineage(args: argparse.Namespace) -> int:
     if not records:
         print(f"slmkit lineage: no lineage records for {args.path}; run `make finetune`", file=sys.stderr)
         return 1
-    print(json.dumps(records, indent=2) if args.json else format_chain(records))
+    from slmkit.gate import describe, gate_file
+
+    file = gate_file(args.path)
+    verdict = json.loads(file.read_text()) if file and file.exists() else None
+    if args.json:
+        print(json.dumps({"stages": records, "gate": verdict}, indent=2))
+    else:
+        print(format_chain(records))
+        if file:
+            print(f"gate      {describe(verdict) if verdict else 'not judged (run `make evaluate`)'}")
     return 0
 
 
@@ -194,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--file", type=Path, help="phrases, one per line: plain text or JSON lines")
     p.add_argument("--text-key", help="JSON lines: the field holding the phrase (default: the first text field)")
     p.add_argument("--model", default="int4", help=models)
+    p.add_argument("--ungated", action="store_true", help=UNGATED)
     p.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING, help="default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, default=8, help="for --decoding stop")
     p.add_argument("--json", action="store_true", help="one JSON object per phrase")
@@ -207,12 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
     c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
     c.add_argument("--model", default="int4", help=models)
+    c.add_argument("--ungated", action="store_true", help=UNGATED)
     c.add_argument("--raw", action="store_true", help="send the text as is, not inside the training prompt")
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--json", action="store_true", help="one JSON object per reply")
     c.set_defaults(func=_chat)
     v = sub.add_parser("serve", help="the model behind an HTTP JSON API: POST /classify, GET /health")
     v.add_argument("--model", default="int4", help=models)
+    v.add_argument("--ungated", action="store_true", help=UNGATED)
     v.add_argument("--host", default="127.0.0.1", help="%(default)s: this machine only; 0.0.0.0 to expose it")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="phrases per forward pass")
@@ -224,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
     )
     v.set_defaults(func=_serve, max_new_tokens=8)
+    g = sub.add_parser("gate", help="the parity gate's verdict on the built model (exit 1 unless it may ship)")
+    g.add_argument("path", nargs="?", type=Path, default=DEFAULT_MODEL)
+    g.set_defaults(func=_gate)
     s = sub.add_parser("summary", help="where the model is and its test accuracy")
     s.set_defaults(func=_summary)
     lin = sub.add_parser("lineage", help="where an artifact came from: each stage's data, config, code, versions")

@@ -82,15 +82,16 @@ def score(
     return metrics, rows, round(seconds / len(test), 5)
 
 
-def parity_gate(quantized: str, quantized_acc: float, reference: str, reference_acc: float, tolerance: float) -> None:
-    """Fail when the quantized model's accuracy falls more than `tolerance` below the reference's."""
-    drop = reference_acc - quantized_acc
-    if drop > tolerance + 1e-9:
+def parity_gate(verdict: dict) -> None:
+    """Fail the stage when the gate refused the quantized model (slmkit.gate.verdict's record)."""
+    from slmkit.gate import REFUSED
+
+    if verdict["verdict"] == REFUSED:
         raise StageError(
-            f"parity gate: {quantized} accuracy {quantized_acc:.4f} is {100 * drop:.1f} points below "
-            f"{reference} accuracy {reference_acc:.4f}; the tolerance is {100 * tolerance:.1f} points "
-            "(evaluate.parity_tolerance). Check the builder settings (builder.*) or raise the tolerance; "
-            "the figures are in metrics/eval.json."
+            f"parity gate: {verdict['model']} accuracy {verdict['accuracy']:.4f} is {100 * verdict['gap']:.1f} "
+            f"points below {verdict['reference']} accuracy {verdict['reference_accuracy']:.4f}; the tolerance is "
+            f"{100 * verdict['tolerance']:.1f} points (evaluate.parity_tolerance). Check the builder settings "
+            "(builder.*) or raise the tolerance; the figures are in metrics/eval.json."
         )
 
 

@@ -20,7 +20,9 @@ log = logging.getLogger("slmkit")
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `final`; move it into place only if the block succeeds.
 
-    A crash or kill leaves the previous `final` (or none), never a half-written one.
+    A crash or kill leaves the previous `final` (or none), never a half-written one. Paths into the
+    workspace that the block (or a tool it ran) wrote into text files become relative to it
+    (workspace_relative): an output's bytes do not depend on the folder the repo lives in.
     """
     final = Path(final)
     _clean_stale(final)
@@ -30,6 +32,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         raise_if_interrupted()  # a library may have swallowed the signal's exception: never commit then
+        workspace_relative(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -43,6 +46,41 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# Small text files of an output, where a tool may have written a path (configs, model cards, records).
+TEXT_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml", ".jsonl", ".csv")
+TEXT_MAX_BYTES = 1 << 20
+
+
+def _text_files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in TEXT_SUFFIXES and path.is_file() and path.stat().st_size <= TEXT_MAX_BYTES:
+            yield path
+
+
+def _workspace_prefix() -> str | None:
+    root = Path.cwd().resolve()
+    return None if root == Path(root.anchor) else f"{root}/"
+
+
+def workspace_relative(folder: Path) -> list[Path]:
+    """Rewrite absolute paths into the workspace (the current folder) as paths relative to it, in the text
+    files of `folder`; returns the files changed.
+
+    Olive and PEFT record the base model as an absolute path (adapter_config.json's
+    base_model_name_or_path, the adapter's README), and a data path may be given absolutely: left as is,
+    an output's bytes depend on the folder the repo was cloned into, and no other clone reproduces
+    dvc.lock. The stages run from the workspace root, so the relative path resolves the same.
+    """
+    prefix = _workspace_prefix()
+    changed = []
+    for path in _text_files(folder) if prefix else ():
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        if prefix in text:
+            path.write_text(text.replace(prefix, ""), encoding="utf-8", errors="surrogateescape")
+            changed.append(path)
+    return changed
 
 
 def _alive(pid: int) -> bool:

@@ -407,14 +407,21 @@ def load(
     decoding: str = DEFAULT_DECODING,
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
+    ungated: bool = False,
 ) -> Classifier:
     """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder.
 
     `threads`: compute threads (None: default_threads(), one per core unless OMP_NUM_THREADS says otherwise).
+    A model the pipeline's quantize stage built loads only with a passed parity-gate verdict (slmkit.gate;
+    NotShipped otherwise) unless `ungated`.
     """
+    from slmkit import gate
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model folder; run `make finetune` first")
+    if not ungated:
+        gate.check(path)
     data = data or load_prompt_config(path)
     model: GenaiModel | TorchModel
     if (path / "genai_config.json").exists():

@@ -226,6 +226,8 @@ def model_card(cfg: Config, base: dict, manifest: dict, final_loss: dict, rec: d
     return f"""# {m.name}: {"/".join(cfg.data.labels)} classifier ({b.precision} ONNX for onnxruntime-genai)
 
 Made by slmkit. Test metrics: `metrics/eval.json`; full lineage: `make lineage` / `lineage.json`.
+Ships only once the parity gate passed it (its {b.precision} test accuracy within `evaluate.parity_tolerance`
+of the merged model's): the verdict is `artifacts/evaluate/gate.json`, and `slmkit gate` prints it.
 The git commit and build time are not in this folder, so that a rebuild writing the same weights is
 byte-identical: `make lineage` shows them (from `artifacts/runs/`) where the model was built.
 
