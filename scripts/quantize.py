@@ -39,6 +39,8 @@ def run() -> None:
         work / "olive.log",
     )
     olive_run.check_logits(output, cfg.builder.prune_lm_head, work / "olive.log")
+    if cfg.builder.int4_exclude:
+        olive_run.check_excluded(output, list(cfg.builder.int4_exclude), work / "olive.log")
     if cfg.builder.adapter == "separate":
         names = olive_run.tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", work / "olive.log")
         matrices = [n for n in names if "lora_A" in n or "lora_B" in n]

@@ -199,6 +199,7 @@ def test_bad_override_is_config_error_naming_the_key(overrides: list[str], key: 
         (["builder.execution_provider=tpu"], "builder.execution_provider"),
         (["builder.int4_block_size=33"], "builder.int4_block_size"),
         (["builder.int4_accuracy_level=5"], "builder.int4_accuracy_level"),
+        (["builder.int4_algo=gptq"], "builder.int4_algo"),
         (["evaluate.max_new_tokens=0"], "evaluate.max_new_tokens"),
         (["evaluate.decoding=beam"], "evaluate.decoding"),
         (["evaluate.parity_tolerance=-0.01"], "evaluate.parity_tolerance"),

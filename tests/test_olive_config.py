@@ -54,6 +54,7 @@ def _workflows(cfg: Config, paths: dict[str, Path]) -> dict[str, dict]:
         _adapter_and_base(paths, ["q_proj", "o_proj"], layers=2)
         quantize = olive_config.quantize_workflow(cfg, paths["base"], paths["work"], paths["adapter"])
     else:
+        _merged(paths, layers=2)
         quantize = olive_config.quantize_workflow(cfg, paths["merged"], paths["work"])
     return {
         "train": olive_config.train_workflow(cfg, paths["base"], paths["train"], paths["val"], paths["work"]),
@@ -169,6 +170,7 @@ def test_quantize_workflow(variant: str, paths):
     if cfg.builder.precision == "int4":
         assert builder["int4_block_size"] == cfg.builder.int4_block_size
         assert builder["int4_accuracy_level"] == cfg.builder.int4_accuracy_level
+        assert builder["int4_algo_config"] == cfg.builder.int4_algo
     else:
         assert not any(key.startswith("int4") for key in builder)
     provider = _accelerator(workflow).execution_provider
@@ -435,6 +437,11 @@ def test_olive_telemetry_opt_out_is_complete(case: str, telemetry_probes: dict[s
 # --- builder.adapter=separate: the base in int4, the LoRA branches beside it in full precision ------------
 
 
+def _merged(paths, layers: int) -> None:
+    paths["merged"].mkdir(parents=True, exist_ok=True)
+    (paths["merged"] / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+
+
 def _adapter_and_base(paths, targets: list[str], layers: int) -> None:
     paths["adapter"].mkdir(parents=True, exist_ok=True)
     (paths["adapter"] / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
@@ -464,10 +471,29 @@ def test_separate_adapter_names_the_parts_of_packed_projections():
 
 
 def test_merged_build_has_no_exclusions(paths):
-    cfg = compose(["model=smollm2_135m", "builder.adapter=merged"])
+    cfg = compose(["model=smollm2_135m", "builder.adapter=merged", "builder.int4_exclude=[]"])
+    _merged(paths, layers=2)
     workflow = olive_config.quantize_workflow(cfg, paths["merged"], paths["work"])
     assert "int4_nodes_to_exclude" not in _only_pass(workflow)
     assert "adapter_path" not in workflow["input_model"]
+
+
+@pytest.mark.parametrize("adapter", ["merged", "separate"])
+def test_int4_exclude_keeps_those_projections_full_precision_in_every_layer(paths, olive_package, adapter: str):
+    cfg = compose(["model=smollm2_135m", f"builder.adapter={adapter}", "builder.int4_exclude=[down_proj,v_proj]"])
+    _merged(paths, layers=3)
+    _adapter_and_base(paths, ["q_proj"], layers=3)
+    source = paths["merged"] if adapter == "merged" else paths["base"]
+    workflow = olive_config.quantize_workflow(
+        cfg, source, paths["work"], paths["adapter"] if adapter == "separate" else None
+    )
+    kept = set(_only_pass(workflow)["int4_nodes_to_exclude"])
+    for layer in range(3):
+        assert f"/model/layers.{layer}/mlp/down_proj/MatMul" in kept
+        assert f"/model/layers.{layer}/attn/v_proj/MatMul" in kept
+    assert not any("/q_proj/MatMul" in name or "/layers.3/" in name for name in kept)
+    assert any("/q_proj/lora_A/" in name for name in kept) == (adapter == "separate")
+    _olive_pass_config(workflow, olive_package)
 
 
 def _onnx_with(path: Path, nodes: list[tuple[str, str]]) -> Path:
@@ -502,6 +528,7 @@ def test_lora_branch_check_fails_on_a_quantized_or_missing_branch(tmp_path: Path
 
 
 def test_builder_prunes_the_lm_head_unless_told_not_to(paths, olive_package):
+    _merged(paths, layers=2)
     workflow = olive_config.quantize_workflow(compose(["builder.adapter=merged"]), paths["merged"], paths["work"])
     assert _only_pass(workflow)["extra_options"] == {"prune_lm_head": True}
     _olive_pass_config(workflow, olive_package)  # Olive's ModelBuilder pass takes extra_options

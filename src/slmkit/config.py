@@ -29,6 +29,8 @@ NOT_SEPARABLE = ("embed_tokens", "lm_head")
 DECODINGS = ("stop", "constrained")
 # Order of the training examples (transformers' train_sampling_strategy): random, or batches of like lengths.
 SAMPLINGS = ("random", "group_by_length")
+# ModelBuilder's int4 algorithms (onnxruntime-genai 0.14.1's builder, `int4_algo_config`).
+INT4_ALGOS = ("default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last")
 
 
 class ConfigError(ValueError):
@@ -129,6 +131,12 @@ class BuilderConfig:
     # Only for precision=int4 (MatMulNBits); null otherwise.
     int4_block_size: int | None = None
     int4_accuracy_level: int | None = None
+    # ModelBuilder's int4_algo_config (INT4_ALGOS): round to nearest, or k-quant's searched scales, with the
+    # LM head (`_last`) or sensitive layers (`_mixed`) in int8.
+    int4_algo: str | None = None
+    # Module names (e.g. down_proj) whose MatMuls stay full precision in every layer: the int4 rounding a
+    # small model's thin margins do not survive, kept off its most sensitive projections.
+    int4_exclude: list[str] | None = None
     # merged | separate (ADAPTER_MODES); separate keeps int4 rounding off the adapter's weights.
     adapter: str = MISSING
     # ModelBuilder's prune_lm_head: the LM head scores the last position only (classification and decoding
@@ -285,8 +293,14 @@ def check_values(cfg: Config) -> None:
             "use 16, 32, 64, 128 or 256",
         )
         _check(b.int4_accuracy_level in (0, 1, 2, 3, 4), "builder.int4_accuracy_level", "use 0..4")
+        _check(b.int4_algo in INT4_ALGOS, "builder.int4_algo", f"use one of {', '.join(INT4_ALGOS)}")
+        _check(
+            b.int4_exclude is not None and all(isinstance(m, str) and m for m in b.int4_exclude),
+            "builder.int4_exclude",
+            "a list of module names (e.g. [down_proj]), [] for none",
+        )
     else:
-        for key in ("int4_block_size", "int4_accuracy_level"):
+        for key in ("int4_block_size", "int4_accuracy_level", "int4_algo", "int4_exclude"):
             _check(getattr(b, key) is None, f"builder.{key}", "only applies to precision=int4; set it to null")
 
     e = cfg.evaluate

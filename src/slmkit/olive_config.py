@@ -173,9 +173,9 @@ def quantize_workflow(
         if adapter_path is None:
             raise ValueError("builder.adapter=separate needs the adapter")
         targets = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
-        passes = {"builder": builder_pass(cfg, lora_branch_nodes(targets, _num_layers(model_path)))}
+        passes = {"builder": builder_pass(cfg, _num_layers(model_path), targets)}
         return _workflow(cfg, _input_model(cfg, model_path, adapter_path), passes, work_dir, for_builder=True)
-    passes = {"builder": builder_pass(cfg)}
+    passes = {"builder": builder_pass(cfg, _num_layers(model_path))}
     return _workflow(cfg, _input_model(cfg, model_path), passes, work_dir, for_builder=True)
 
 
@@ -207,12 +207,30 @@ def lora_branch_nodes(targets: list[str], num_layers: int) -> list[str]:
     ]
 
 
-def builder_pass(cfg: Config, keep_out_of_int4: list[str] | None = None) -> dict[str, Any]:
+# ModelBuilder names a layer's own projection <layer>/<block>/<module>/MatMul before quantizing it.
+BASE_MATMUL = "/model/layers.{layer}/{block}/{module}/MatMul"
+
+
+def excluded_nodes(modules: list[str], num_layers: int) -> list[str]:
+    """The base MatMuls of `modules` (builder.int4_exclude) in every layer: kept out of int4 (a superset, as
+    lora_branch_nodes; the quantize stage checks that each module's MatMuls stayed full precision)."""
+    return [
+        BASE_MATMUL.format(layer=layer, block=block, module=module)
+        for layer in range(num_layers)
+        for block in ("attn", "mlp")
+        for module in modules
+    ]
+
+
+def builder_pass(cfg: Config, num_layers: int, lora_targets: list[str] | None = None) -> dict[str, Any]:
     b = cfg.builder
     olive_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": b.precision}
     if b.precision == "int4":
         olive_pass["int4_block_size"] = b.int4_block_size
         olive_pass["int4_accuracy_level"] = b.int4_accuracy_level
+        olive_pass["int4_algo_config"] = b.int4_algo
+        keep_out_of_int4 = lora_branch_nodes(lora_targets, num_layers) if lora_targets else []
+        keep_out_of_int4 += excluded_nodes(list(b.int4_exclude or []), num_layers)
         if keep_out_of_int4:
             olive_pass["int4_nodes_to_exclude"] = keep_out_of_int4
     if b.prune_lm_head:
@@ -234,8 +252,8 @@ def single_workflow(
         from slmkit.arch import adaptable_modules, meta_model
 
         targets = cfg.lora.target_modules or sorted(adaptable_modules(meta_model(cfg.model)))
-        passes["builder"] = builder_pass(cfg, lora_branch_nodes(list(targets), _num_layers(base_path)))
+        passes["builder"] = builder_pass(cfg, _num_layers(base_path), list(targets))
     else:
         passes["merge"] = {"type": "MergeAdapterWeights"}
-        passes["builder"] = builder_pass(cfg)
+        passes["builder"] = builder_pass(cfg, _num_layers(base_path))
     return _workflow(cfg, _input_model(cfg, base_path), passes, work_dir, data, for_builder=True)

@@ -176,6 +176,23 @@ def check_lora_branches(model: Path, expected: int, log_path: Path) -> None:
         )
 
 
+def check_excluded(model: Path, modules: list[str], log_path: Path) -> None:
+    """Fail unless every module of builder.int4_exclude has its base MatMuls in full precision and none in
+    int4: a name ModelBuilder does not use would be ignored by it, silently."""
+    import onnx
+
+    graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
+    for module in modules:
+        nodes = [n for n in graph.node if f"/{module}/MatMul" in n.name and "/lora_" not in n.name]
+        kept = [n for n in nodes if n.op_type == "MatMul"]
+        if not kept or len(kept) != len(nodes):
+            raise StageError(
+                f"builder.int4_exclude names {module!r}, but ModelBuilder wrote {len(kept)} full-precision and "
+                f"{len(nodes) - len(kept)} int4 MatMuls for it in {model / 'model.onnx'}: use the model's module "
+                f"names (lora.target_modules has them).\n  full log: {log_path}"
+            )
+
+
 def check_logits(model: Path, pruned: bool, log_path: Path) -> None:
     """Fail unless the model's logits cover the positions the config asked for: the last one alone with
     builder.prune_lm_head (ModelBuilder ignores the option, e.g. beside exclude_lm_head, and exits 0)."""
