@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import PHRASES
 
 from slmkit.inference import load
-from slmkit.serve import Server, ServeSettings, create_app
+from slmkit.serve import Server, ServeSettings, create_app, default_max_body_bytes
 
 
 def call(url: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
@@ -46,6 +49,13 @@ def test_health_names_the_labels_and_limits(server, clf):
     assert status == 200 and body["status"] == "ok"
     assert body["labels"] == list(clf.data.labels) and body["backend"] == "onnx"
     assert body["limits"]["max_phrases"] == 8 and body["limits"]["max_chars"] == 120
+    assert body["limits"]["max_body_bytes"] == default_max_body_bytes(8, 120)
+
+
+def test_the_default_body_limit_takes_the_largest_request_the_phrase_limits_accept():
+    """8 phrases of 120 characters, each an emoji JSON writes as a 12-byte escaped surrogate pair, indented."""
+    body = json.dumps({"phrases": ["\U0001f600" * 120] * 8}, indent=2).encode()
+    assert len(body) <= default_max_body_bytes(8, 120) < 2 * len(body)
 
 
 def test_classify_returns_the_classifiers_labels_with_scores(server, clf):
@@ -92,6 +102,49 @@ def test_bad_requests_get_a_4xx_that_says_what_is_wrong(server, body: bytes, sta
     got, answer = call(server.url, "/classify", body)
     assert got == status
     assert says in answer["error"]
+
+
+def post_huge_body(url: str, size: int, chunked: bool) -> tuple[int, dict, float]:
+    """POST /classify with `size` bytes of body, sent from a thread while this one waits for the answer, as
+    a client streaming an upload does: (status, JSON body, seconds from the request head to the answer)."""
+    parts = urlsplit(url)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
+    head = f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
+    piece = b"[" * 2**20
+    piece = b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+
+    def send_body() -> None:
+        try:
+            for _ in range(size // 2**20):
+                sock.sendall(piece)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")  # the last chunk: the body is complete
+        except OSError:  # the socket shut once the answer was read
+            pass
+
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        start = time.monotonic()
+        sock.sendall(head.encode())
+        sender = threading.Thread(target=send_body)
+        sender.start()
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        seconds = time.monotonic() - start
+        answer = json.loads(response.read())
+        sock.shutdown(socket.SHUT_RDWR)
+        sender.join(30)
+    return response.status, answer, seconds
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_64_mb_body_gets_413_before_it_is_read_and_the_server_stays_healthy(server, chunked: bool):
+    status, answer, seconds = post_huge_body(server.url, 64 * 2**20, chunked)
+    limit = default_max_body_bytes(8, 120)
+    assert status == 413 and f"over the limit of {limit} bytes (--max-body-bytes)" in answer["error"]
+    assert seconds < 1, f"413 after {seconds:.2f} s"
+    assert call(server.url, "/health")[0] == 200
+    status, answer = post(server.url, {"phrases": PHRASES[:2]})
+    assert status == 200 and [r["text"] for r in answer["results"]] == PHRASES[:2]
 
 
 def test_a_full_queue_answers_503_and_the_waiting_requests_still_finish(clf):
@@ -149,10 +202,13 @@ def test_slmkit_serve_command_starts_answers_and_stops(tiny_model_dirs):
     from slmkit.bench import free_port, start_server
 
     port = free_port()
-    proc = start_server(tiny_model_dirs["onnx"], port, ["--max-phrases", "2", "--threads", "1"])
+    flags = ["--max-phrases", "2", "--max-body-bytes", "5000", "--threads", "1"]
+    proc = start_server(tiny_model_dirs["onnx"], port, flags)
     try:
         url = f"http://127.0.0.1:{port}"
-        assert call(url, "/health")[1]["limits"]["max_phrases"] == 2
+        limits = call(url, "/health")[1]["limits"]
+        assert limits["max_phrases"] == 2 and limits["max_body_bytes"] == 5000
+        assert call(url, "/classify", b" " * 5001)[0] == 413
         status, body = post(url, {"phrases": PHRASES[:2]})
         assert status == 200 and [r["text"] for r in body["results"]] == PHRASES[:2]
         assert post(url, {"phrases": PHRASES[:3]})[0] == 413

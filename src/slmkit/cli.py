@@ -122,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         max_wait_ms=args.max_wait_ms,
         queue_size=args.queue_size,
+        max_body_bytes=args.max_body_bytes,
     )
     serve(clf, settings, args.host, args.port, model_name=str(args.model))
     return 0
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--queue-size", type=_positive, default=32, help="waiting requests before 503 (%(default)s)")
     v.add_argument("--max-phrases", type=_positive, default=64, help="phrases per request (%(default)s)")
     v.add_argument("--max-chars", type=_positive, help="longest phrase (default: the model folder's data.max_chars)")
+    v.add_argument(
+        "--max-body-bytes", type=_positive, help="request body (default: what --max-phrases x --max-chars can need)"
+    )
     v.add_argument(
         "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
     )

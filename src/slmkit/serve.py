@@ -5,8 +5,8 @@
 
 Requests that arrive within `max_wait_ms` of each other are classified together, one forward pass per
 `batch_size` phrases (constrained decoding, slmkit.inference). The queue is bounded: when `queue_size`
-requests wait, a new one gets 503 at once instead of a long wait. Bad requests get a 4xx naming the problem
-(docs/serving.md has the table).
+requests wait, a new one gets 503 at once instead of a long wait. A body over `max_body_bytes` is refused
+before it is read. Bad requests get a 4xx naming the problem (docs/serving.md has the table).
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ class ServeSettings:
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for others to join it
     max_batch: int = 64  # phrases gathered into one batch at most (then split by the classifier's batch_size)
     queue_size: int = 32  # requests waiting at most (503 above)
+    max_body_bytes: int | None = None  # request body (413 above); None: default_max_body_bytes()
+
+
+# The longest JSON spelling of one character: an escaped surrogate pair, \ud83d\ude00 for one emoji.
+JSON_BYTES_PER_CHAR = 12
+EXAMPLE = '{"phrases": ["a phrase", ...]}'
+
+
+def default_max_body_bytes(max_phrases: int, max_chars: int) -> int:
+    """The largest body the phrase limits can accept, however its JSON is escaped: max_phrases phrases of
+    max_chars characters, each 12 bytes, plus 64 bytes a phrase and 1 KiB for quotes, commas and whitespace."""
+    return max_phrases * (max_chars * JSON_BYTES_PER_CHAR + 64) + 1024
 
 
 class RequestError(Exception):
@@ -51,12 +63,33 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 as soon as it is known to be over `limit` bytes: from Content-Length
+    before reading any of it, else (a chunked body) once the bytes read pass the limit. uvicorn reads at
+    most 64 KiB ahead of this loop and discards what is left after the answer.
+
+    Starlette's RequestBodyLimitMiddleware answers the same in plain text; this answer is JSON naming the limit.
+    """
+    too_large = RequestError(
+        413, f"the body is over the limit of {limit} bytes (--max-body-bytes); send fewer phrases per request"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 def parse_request(body: bytes, settings: ServeSettings, max_chars: int) -> list[str]:
     """The phrases of a /classify body, or a RequestError saying what is wrong with it."""
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError(400, 'the body is not JSON; send {"phrases": ["a phrase", ...]}') from None
+        raise RequestError(400, f"the body is not JSON; send {EXAMPLE}") from None
     if not isinstance(payload, dict) or "phrases" not in payload:
         raise RequestError(422, 'the body must be a JSON object with a "phrases" list: {"phrases": ["..."]}')
     extra = sorted(set(payload) - {"phrases"})
@@ -166,6 +199,7 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
     """The FastAPI app serving `clf` (constrained decoding with per-label scores)."""
     settings = settings or ServeSettings()
     max_chars = settings.max_chars or clf.data.max_chars
+    max_body_bytes = settings.max_body_bytes or default_max_body_bytes(settings.max_phrases, max_chars)
     batcher = Batcher(clf, settings)
 
     @asynccontextmanager
@@ -193,12 +227,17 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
             "queued": batcher.queue.qsize() if batcher.queue else 0,
             "in_flight": batcher.in_flight,
             "batches": batcher.batches,
-            "limits": {"max_phrases": settings.max_phrases, "max_chars": max_chars, "queue_size": settings.queue_size},
+            "limits": {
+                "max_phrases": settings.max_phrases,
+                "max_chars": max_chars,
+                "max_body_bytes": max_body_bytes,
+                "queue_size": settings.queue_size,
+            },
         }
 
     @app.post("/classify")
     async def classify(request: Request):
-        phrases = parse_request(await request.body(), settings, max_chars)
+        phrases = parse_request(await read_body(request, max_body_bytes), settings, max_chars)
         return {"results": await batcher.submit(phrases)}
 
     return app
