@@ -16,7 +16,7 @@ import pytest
 from conftest import PHRASES
 
 from slmkit.inference import load
-from slmkit.serve import Server, ServeSettings, create_app, default_max_body_bytes
+from slmkit.serve import RequestError, Server, ServeSettings, create_app, default_max_body_bytes, parse_request
 
 
 def call(url: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
@@ -96,12 +96,24 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, cl
         (json.dumps({"phrases": ["x" * 121]}).encode(), 422, "121 characters; the limit is 120"),
         (json.dumps({"phrases": ["x"] * 9}).encode(), 413, "9 phrases in one request; the limit is 8"),
         (b'{"phrases": ["ok"], "top_k": 2}', 422, "unknown key"),
+        (b'{"phrases": ["ok"]', 400, "not JSON (Expecting ',' delimiter at character 18)"),
+        (b'{"phrases": ["\xff"]}', 400, "not UTF-8"),
+        (b"[" * 5000, 400, "nested too deeply"),
+        (b'{"phrases": [' + b"1" * 5000 + b"]}", 400, "number too long"),
+        (b'{"phrases": ["ok", "\\ud800"]}', 400, "phrases[1] holds a lone surrogate"),
     ],
 )
 def test_bad_requests_get_a_4xx_that_says_what_is_wrong(server, body: bytes, status: int, says: str):
     got, answer = call(server.url, "/classify", body)
     assert got == status
     assert says in answer["error"]
+
+
+def test_100000_nested_brackets_are_a_400_not_a_crash():
+    """Over the test server's body limit, so parse_request reads them directly."""
+    with pytest.raises(RequestError, match="nested too deeply") as refused:
+        parse_request(b"[" * 100_000, ServeSettings(), max_chars=120)
+    assert refused.value.status == 400
 
 
 def post_huge_body(url: str, size: int, chunked: bool) -> tuple[int, dict, float]:

@@ -88,8 +88,14 @@ def parse_request(body: bytes, settings: ServeSettings, max_chars: int) -> list[
     """The phrases of a /classify body, or a RequestError saying what is wrong with it."""
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError(400, f"the body is not JSON; send {EXAMPLE}") from None
+    except json.JSONDecodeError as err:
+        raise RequestError(400, f"the body is not JSON ({err.msg} at character {err.pos}); send {EXAMPLE}") from None
+    except UnicodeDecodeError:
+        raise RequestError(400, f"the body is not UTF-8 text; send {EXAMPLE}") from None
+    except RecursionError:
+        raise RequestError(400, f"the body's JSON is nested too deeply to read; send {EXAMPLE}") from None
+    except ValueError:  # Python reads no integer of over 4300 digits (sys.get_int_max_str_digits)
+        raise RequestError(400, f"the body's JSON holds a number too long to read; send {EXAMPLE}") from None
     if not isinstance(payload, dict) or "phrases" not in payload:
         raise RequestError(422, 'the body must be a JSON object with a "phrases" list: {"phrases": ["..."]}')
     extra = sorted(set(payload) - {"phrases"})
@@ -107,6 +113,10 @@ def parse_request(body: bytes, settings: ServeSettings, max_chars: int) -> list[
     for i, phrase in enumerate(phrases):
         if not isinstance(phrase, str) or not phrase.strip():
             raise RequestError(422, f"phrases[{i}] must be a non-empty string")
+        try:
+            phrase.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell half a surrogate pair ("\ud800"): no character, no UTF-8
+            raise RequestError(400, f"phrases[{i}] holds a lone surrogate, half of a \\ud800-\\udfff pair") from None
         if len(phrase) > max_chars:
             raise RequestError(
                 422, f"phrases[{i}] has {len(phrase)} characters; the limit is {max_chars} (the model's data.max_chars)"
