@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -16,7 +17,15 @@ import pytest
 from conftest import PHRASES
 
 from slmkit.inference import load
-from slmkit.serve import RequestError, Server, ServeSettings, create_app, default_max_body_bytes, parse_request
+from slmkit.serve import (
+    Batcher,
+    RequestError,
+    Server,
+    ServeSettings,
+    create_app,
+    default_max_body_bytes,
+    parse_request,
+)
 
 
 def call(url: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
@@ -29,8 +38,8 @@ def call(url: str, path: str, body: bytes | None = None, timeout: float = 60) ->
         return err.code, json.loads(err.read())
 
 
-def post(url: str, payload) -> tuple[int, dict]:
-    return call(url, "/classify", json.dumps(payload).encode())
+def post(url: str, payload, timeout: float = 60) -> tuple[int, dict]:
+    return call(url, "/classify", json.dumps(payload).encode(), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +194,86 @@ def _wait_for(condition, seconds: float = 30) -> None:
     while not condition():
         assert time.monotonic() < end, "the server did not reach the expected state"
         time.sleep(0.01)
+
+
+class FailingModel:
+    """The tiny classifier, whose forward pass raises while `failing` is set: a model failure on the path
+    the server runs (Batcher.classify -> constrained_batch)."""
+
+    def __init__(self, clf):
+        self.clf, self.failing = clf, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.clf, name)
+
+    def constrained_batch(self, prompts: list[str]):
+        if self.failing:
+            raise RuntimeError("out of memory")
+        return self.clf.constrained_batch(prompts)
+
+
+async def _until(condition, seconds: float = 30) -> None:
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "the batcher did not reach the expected state"
+        await asyncio.sleep(0.01)
+
+
+def test_a_failed_batch_with_a_cancelled_request_answers_500_and_the_batcher_goes_on(clf):
+    """Two requests in one batch; one is cancelled (as uvicorn cancels requests past its graceful-shutdown
+    timeout) while the model fails the batch."""
+    model = FailingModel(clf)
+
+    async def scenario() -> list[dict]:
+        batcher = Batcher(model, ServeSettings(max_wait_ms=1000, max_batch=2))
+        await batcher.start()
+        try:
+            with batcher.model_lock:  # the batch waits for the model while the test arranges it
+                gone = asyncio.create_task(batcher.submit(["gone"]))
+                waiting = asyncio.create_task(batcher.submit(["waiting"]))
+                await _until(lambda: batcher.in_flight == 2)
+                gone.cancel()
+                await asyncio.wait([gone])
+                model.failing = True
+            with pytest.raises(RequestError, match=r"model failed .*RuntimeError: out of memory") as failed:
+                await asyncio.wait_for(waiting, 10)
+            assert failed.value.status == 500
+            model.failing = False
+            return await asyncio.wait_for(batcher.submit(PHRASES[:2]), 10)
+        finally:
+            await batcher.stop()
+
+    expected = [p.label for p in clf.classify(PHRASES[:2], decoding="constrained")]
+    assert [r["label"] for r in asyncio.run(scenario())] == expected
+
+
+def test_a_failed_batch_answers_a_json_500_over_http(clf):
+    model = FailingModel(clf)
+    with Server(create_app(model, ServeSettings())) as running:
+        model.failing = True
+        status, body = post(running.url, {"phrases": ["hello"]})
+        assert status == 500 and "RuntimeError: out of memory" in body["error"]
+        model.failing = False
+        assert post(running.url, {"phrases": ["hello"]})[0] == 200
+
+
+def test_a_dead_batcher_fails_health_and_requests_get_503_instead_of_hanging(clf):
+    app = create_app(clf, ServeSettings(max_wait_ms=0))
+    batcher = app.state.batcher
+    with Server(app) as running:
+        replies: list = []
+        with batcher.model_lock:  # one request in flight when the batcher dies
+            first = threading.Thread(target=lambda: replies.append(post(running.url, {"phrases": ["one"]}, 10)))
+            first.start()
+            _wait_for(lambda: batcher.in_flight == 1)
+            task = batcher._task  # killed from outside: no bug in the batcher is known that would end it
+            task.get_loop().call_soon_threadsafe(task.cancel)
+            first.join(10)
+        status, health = call(running.url, "/health")
+        assert status == 503 and health["status"] == "error" and "batcher stopped" in health["error"]
+        assert replies and replies[0][0] == 503 and "restart the server" in replies[0][1]["error"]
+        status, body = post(running.url, {"phrases": ["two"]}, 10)
+        assert status == 503 and body["error"] == health["error"]
 
 
 def test_load_test_counts_every_answer_and_stops_at_the_request_budget(server):

@@ -6,7 +6,8 @@
 Requests that arrive within `max_wait_ms` of each other are classified together, one forward pass per
 `batch_size` phrases (constrained decoding, slmkit.inference). The queue is bounded: when `queue_size`
 requests wait, a new one gets 503 at once instead of a long wait. A body over `max_body_bytes` is refused
-before it is read. Bad requests get a 4xx naming the problem (docs/serving.md has the table).
+before it is read. Bad requests get a 4xx naming the problem, a batch the model fails a 500 (docs/serving.md
+has the table). Should the batcher task ever end, /health answers 503 and so does every request.
 """
 
 from __future__ import annotations
@@ -164,8 +165,18 @@ class Batcher:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the batcher task ended, or None while it runs: no request can be answered after it."""
+        if self._task is None or not self._task.done():
+            return None
+        cause = "cancelled" if self._task.cancelled() else repr(self._task.exception())
+        return f"the batcher stopped ({cause}); no request can be classified: restart the server (its log says more)"
+
     async def submit(self, phrases: list[str]) -> list[dict]:
-        assert self.queue is not None, "Batcher.start() first"
+        assert self.queue is not None and self._task is not None, "Batcher.start() first"
+        if self.failure:
+            raise RequestError(503, self.failure)
         job = _Job(phrases, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(job)
@@ -173,35 +184,53 @@ class Batcher:
             raise RequestError(
                 503, f"busy: {self.settings.queue_size} requests are waiting (--queue-size); retry shortly"
             ) from None
-        return await job.future
+        try:
+            # The batcher task too: should it end, this request gets a 503 instead of waiting for ever.
+            await asyncio.wait([job.future, self._task], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            job.future.cancel()  # a no-op once answered; else no one waits for the answer any more
+        if job.future.cancelled():
+            raise RequestError(503, self.failure)
+        return job.future.result()
 
     async def _run(self) -> None:
+        try:
+            while True:
+                await self._run_batch()
+        except Exception:
+            log.exception("the batcher stopped: every request gets 503 until the server restarts")
+            raise
+
+    async def _run_batch(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            size = len(batch[0].phrases)
-            deadline = loop.time() + self.settings.max_wait_ms / 1000
-            while size < self.settings.max_batch:
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
-                    break
-                batch.append(job)
-                size += len(job.phrases)
-            self.in_flight = len(batch)
-            phrases = [p for job in batch for p in job.phrases]
+        batch = [await self.queue.get()]
+        size = len(batch[0].phrases)
+        deadline = loop.time() + self.settings.max_wait_ms / 1000
+        while size < self.settings.max_batch:
             try:
-                results = await loop.run_in_executor(self._executor, self.classify, phrases)
-            except Exception as err:  # one bad batch must not stop the server: its requests get a 500
-                log.exception("classify failed")
-                for job in batch:
-                    job.future.set_exception(err)
-            else:
-                self.batches += 1
-                for job in batch:
-                    if not job.future.cancelled():
-                        job.future.set_result(results[: len(job.phrases)])
-                    results = results[len(job.phrases) :]
+                job = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                break
+            batch.append(job)
+            size += len(job.phrases)
+        self.in_flight = len(batch)
+        phrases = [p for job in batch for p in job.phrases]
+        # A job's future is already done when its request was cancelled: no one waits for its answer.
+        try:
+            results = await loop.run_in_executor(self._executor, self.classify, phrases)
+        except Exception as err:  # one bad batch must not stop the server: its requests get a 500
+            log.exception("classify failed on a batch of %d phrases", len(phrases))
+            message = f"the model failed on this request's batch ({type(err).__name__}: {err}); the server log has more"
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(RequestError(500, message))
+        else:
+            self.batches += 1
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_result(results[: len(job.phrases)])
+                results = results[len(job.phrases) :]
+        finally:
             self.in_flight = 0
 
 
@@ -229,8 +258,9 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
+        failure = batcher.failure
+        body = {
+            "status": "ok" if failure is None else "error",
             "model": model_name,
             "backend": clf.model.kind,
             "labels": list(clf.data.labels),
@@ -244,6 +274,9 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
                 "queue_size": settings.queue_size,
             },
         }
+        if failure:
+            body["error"] = failure
+        return JSONResponse(body, status_code=200 if failure is None else 503)
 
     @app.post("/classify")
     async def classify(request: Request):
