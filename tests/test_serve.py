@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -324,3 +327,45 @@ def test_slmkit_serve_without_a_model_folder_fails_naming_it(tmp_path):
 
     with pytest.raises(RuntimeError, match="no such model folder"):
         start_server(tmp_path / "missing", free_port(), [], timeout_s=60)
+
+
+def _broken_copy(tiny_model_dirs, tmp_path, folder: str, file: str):
+    """A copy of one tiny model folder with `file` cut short, as an interrupted copy leaves it."""
+    broken = tmp_path / folder
+    shutil.copytree(tiny_model_dirs[folder], broken)
+    (broken / file).write_bytes((broken / file).read_bytes()[:10])
+    return broken
+
+
+@pytest.mark.parametrize(
+    ("folder", "file", "cause"),
+    [
+        ("onnx", "genai_config.json", "RuntimeError: Error encountered while parsing"),
+        ("onnx", "model.onnx", "Protobuf parsing failed"),
+        ("onnx", "slmkit_prompt.json", "slmkit_prompt.json is not valid JSON"),
+        ("pytorch", "config.json", "is not a valid JSON file"),
+        ("pytorch", "model.safetensors", "SafetensorError"),
+    ],
+)
+def test_a_model_folder_that_cannot_load_is_one_line_naming_it_and_the_cause(
+    tiny_model_dirs, tmp_path, capfd, folder: str, file: str, cause: str
+):
+    from slmkit.cli import main
+
+    broken = _broken_copy(tiny_model_dirs, tmp_path, folder, file)
+    assert main(["classify", "--model", str(broken), "hello"]) == 1
+    err = capfd.readouterr().err
+    assert err.startswith(f"slmkit classify: error: cannot load the model in {broken}: ") and cause in err
+    assert err.endswith("is the folder complete? (`make finetune` writes one)\n")
+    assert err.count("\n") == 1, err
+
+
+def test_slmkit_serve_with_a_broken_model_exits_1_with_one_line(tiny_model_dirs, tmp_path):
+    """As a process: whatever onnxruntime prints goes to the same stderr."""
+    from slmkit.bench import free_port
+
+    broken = _broken_copy(tiny_model_dirs, tmp_path, "onnx", "model.onnx")
+    command = [sys.executable, "-m", "slmkit.cli", "serve", "--model", str(broken), "--port", str(free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"slmkit serve: error: cannot load the model in {broken}: ")

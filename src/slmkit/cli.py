@@ -63,12 +63,16 @@ def _read_phrases(args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace, command: str):
-    """The model --model names, or None after printing why it cannot be loaded (the command exits 1)."""
+    """The model --model names, or None after printing, on one line, why it cannot be loaded (exit 1)."""
     from slmkit.gate import NotShipped
     from slmkit.inference import load
 
     try:
         path, data = _resolve_model(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"slmkit {command}: error: {err}", file=sys.stderr)
+        return None
+    try:
         return load(
             path,
             data,
@@ -78,9 +82,13 @@ def _load(args: argparse.Namespace, command: str):
             threads=getattr(args, "threads", 0) or None,
             ungated=args.ungated,
         )
-    except (FileNotFoundError, ValueError, NotShipped) as err:
-        print(f"slmkit {command}: error: {err}", file=sys.stderr)
-        return None
+    except (FileNotFoundError, NotShipped) as err:  # slmkit's own: missing folder or file, or the gate's verdict
+        reason = str(err)
+    except Exception as err:  # onnxruntime-genai, transformers, safetensors and json each raise their own types
+        cause = f"{type(err).__name__}: {str(err).rstrip('.')}"
+        reason = f"cannot load the model in {path}: {cause}; is the folder complete? (`make finetune` writes one)"
+    print(f"slmkit {command}: error: {' '.join(reason.split())}", file=sys.stderr)
+    return None
 
 
 def _classify(args: argparse.Namespace) -> int:
