@@ -128,6 +128,11 @@ def test_100000_nested_brackets_are_a_400_not_a_crash():
     assert refused.value.status == 400
 
 
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_fastapis_generated_api_pages_are_off(server, path: str):
+    assert call(server.url, path)[0] == 404
+
+
 def post_huge_body(url: str, size: int, chunked: bool) -> tuple[int, dict, float]:
     """POST /classify with `size` bytes of body, sent from a thread while this one waits for the answer, as
     a client streaming an upload does: (status, JSON body, seconds from the request head to the answer)."""

@@ -249,7 +249,9 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
         yield
         await batcher.stop()
 
-    app = FastAPI(title="slmkit", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: /classify reads its own body (to bound it first), so the generated
+    # schema would show none, and the pages load their scripts from a CDN. docs/serving.md is the reference.
+    app = FastAPI(title="slmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
 
     @app.exception_handler(RequestError)
