@@ -176,6 +176,36 @@ def test_a_64_mb_body_gets_413_before_it_is_read_and_the_server_stays_healthy(se
     assert status == 200 and [r["text"] for r in answer["results"]] == PHRASES[:2]
 
 
+def test_under_load_with_bad_requests_mixed_in_each_request_gets_its_own_answer(server, clf):
+    """Eight clients at once, good requests between oversized, malformed and over-limit ones: every request
+    gets an answer within its timeout, each bad one the 4xx naming its fault, each good one its labels."""
+    expected = {p.text: p.label for p in clf.classify(PHRASES, batch_size=1)}
+    too_long_body = json.dumps({"phrases": ["x" * 20_000]}).encode()
+    # (body maker, status, what the error says or the phrase sent); makers, as an iterator body is used up once
+    bad = [
+        (lambda: too_long_body, 413, "--max-body-bytes"),
+        (lambda: iter([b"[" * 10_000] * 3), 413, "--max-body-bytes"),  # urllib sends an iterator chunked
+        (lambda: b'{"phrases": ["Hi!"', 400, "not JSON"),
+        (lambda: b"[" * 5000, 400, "nested too deeply"),
+        (lambda: json.dumps({"phrases": PHRASES[:1] * 9}).encode(), 413, "--max-phrases"),
+        (lambda: json.dumps({"phrases": ["x" * 121]}).encode(), 422, "the limit is 120"),
+    ]
+    jobs = []
+    for n, phrase in enumerate(PHRASES * 3):
+        jobs.append((lambda p=phrase: json.dumps({"phrases": [p]}).encode(), 200, phrase))
+        if n % 2:
+            jobs.append(bad[n // 2 % len(bad)])
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, server.url, "/classify", body(), 30) for body, _, _ in jobs]
+        answers = [future.result(timeout=60) for future in futures]
+    for (_, status, detail), (got, answer) in zip(jobs, answers, strict=True):
+        assert got == status, (detail, answer)
+        if status == 200:
+            assert [(r["text"], r["label"]) for r in answer["results"]] == [(detail, expected[detail])]
+        else:
+            assert detail in answer["error"]
+
+
 def test_a_full_queue_answers_503_and_the_waiting_requests_still_finish(clf):
     """Hold the model so one request is in flight and one waits; the next finds the queue full."""
     app = create_app(clf, ServeSettings(queue_size=1, max_wait_ms=0))
