@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -336,13 +337,14 @@ def test_batch_vs_loop_reports_identical_labels(tiny_model_dirs):
     assert result["labels_identical"] and result["phrases"] == len(PHRASES) and result["threads"] == 1
 
 
-def test_slmkit_serve_command_starts_answers_and_stops(tiny_model_dirs):
+def test_slmkit_serve_command_starts_answers_and_stops(tiny_model_dirs, tmp_path):
     """The command line (`slmkit serve`, what `make serve` runs) in its own process, as bench-serve uses it."""
     from slmkit.bench import free_port, start_server
 
     port = free_port()
     flags = ["--max-phrases", "2", "--max-body-bytes", "5000", "--threads", "1"]
-    proc = start_server(tiny_model_dirs["onnx"], port, flags)
+    log = tmp_path / "serve.log"
+    proc = start_server(tiny_model_dirs["onnx"], port, flags, log=log)
     try:
         url = f"http://127.0.0.1:{port}"
         limits = call(url, "/health")[1]["limits"]
@@ -354,7 +356,12 @@ def test_slmkit_serve_command_starts_answers_and_stops(tiny_model_dirs):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert proc.returncode is not None
+    # uvicorn shuts down on SIGTERM (the lifespan's end included), then re-raises the signal: killed any
+    # other way, or before its handler was in place, the log would not end that way
+    assert proc.returncode == -signal.SIGTERM
+    assert "Application shutdown complete." in log.read_text()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_slmkit_serve_without_a_model_folder_fails_naming_it(tmp_path):
