@@ -272,15 +272,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: Path, port: int, extra: list[str], timeout_s: float = 180) -> subprocess.Popen:
-    """`slmkit serve` on 127.0.0.1:`port` in its own process; returns once /health answers."""
+def start_server(
+    model: Path, port: int, extra: list[str], timeout_s: float = 180, log: Path | None = None
+) -> subprocess.Popen:
+    """`slmkit serve` on 127.0.0.1:`port` in its own process; returns once /health answers. Its log goes
+    to `log`, else to a temporary file (shown if the server does not start)."""
     import tempfile
     import urllib.request
 
     cmd = [sys.executable, "-m", "slmkit.cli", "serve", "--model", str(model), "--port", str(port), *extra]
     # The server's log to a file, not a pipe: an unread pipe that fills up would stall the server. The
-    # child keeps its own handle on the (unlinked) file after this one closes.
-    with tempfile.TemporaryFile(mode="w+") as log_file:
+    # child keeps its own handle on the file after this one closes.
+    with log.open("w+") if log else tempfile.TemporaryFile(mode="w+") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:

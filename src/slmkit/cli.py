@@ -63,12 +63,16 @@ def _read_phrases(args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace, command: str):
-    """The model --model names, or None after printing why it cannot be loaded (the command exits 1)."""
+    """The model --model names, or None after printing, on one line, why it cannot be loaded (exit 1)."""
     from slmkit.gate import NotShipped
     from slmkit.inference import load
 
     try:
         path, data = _resolve_model(args.model)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"slmkit {command}: error: {err}", file=sys.stderr)
+        return None
+    try:
         return load(
             path,
             data,
@@ -78,9 +82,13 @@ def _load(args: argparse.Namespace, command: str):
             threads=getattr(args, "threads", 0) or None,
             ungated=args.ungated,
         )
-    except (FileNotFoundError, ValueError, NotShipped) as err:
-        print(f"slmkit {command}: error: {err}", file=sys.stderr)
-        return None
+    except (FileNotFoundError, NotShipped) as err:  # slmkit's own: missing folder or file, or the gate's verdict
+        reason = str(err)
+    except Exception as err:  # onnxruntime-genai, transformers, safetensors and json each raise their own types
+        cause = f"{type(err).__name__}: {str(err).rstrip('.')}"
+        reason = f"cannot load the model in {path}: {cause}; is the folder complete? (`make finetune` writes one)"
+    print(f"slmkit {command}: error: {' '.join(reason.split())}", file=sys.stderr)
+    return None
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -122,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         max_wait_ms=args.max_wait_ms,
         queue_size=args.queue_size,
+        max_body_bytes=args.max_body_bytes,
     )
     serve(clf, settings, args.host, args.port, model_name=str(args.model))
     return 0
@@ -258,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--queue-size", type=_positive, default=32, help="waiting requests before 503 (%(default)s)")
     v.add_argument("--max-phrases", type=_positive, default=64, help="phrases per request (%(default)s)")
     v.add_argument("--max-chars", type=_positive, help="longest phrase (default: the model folder's data.max_chars)")
+    v.add_argument(
+        "--max-body-bytes", type=_positive, help="request body (default: what --max-phrases x --max-chars can need)"
+    )
     v.add_argument(
         "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
     )

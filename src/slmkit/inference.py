@@ -37,7 +37,10 @@ def load_prompt_config(model_dir: Path) -> DataConfig:
     path = model_dir / PROMPT_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {model_dir} is not a model folder written by slmkit")
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
     data = DataConfig(path="", labels=spec["labels"], template=spec["template"])
     if "max_chars" in spec:  # folders written before it was recorded keep the default
         data.max_chars = int(spec["max_chars"])
