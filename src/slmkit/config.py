@@ -151,8 +151,8 @@ class EvaluateConfig:
     # Also score every model with the other decoding (metrics/eval.json's decoding_comparison): twice the time.
     compare_decodings: bool = False
     # Compute threads per model; null: one per core, or OMP_NUM_THREADS when set (a parallel sweep's share).
-    # On an idle 2-core machine two threads classified 1.7x faster than one (README, "Benchmark"); on cores
-    # shared with other work, more threads than free cores is many times slower: set 1 there.
+    # On an idle machine more threads classify faster (docs/benchmarks.md has one and two threads side by side);
+    # on cores shared with other work, more threads than free cores is many times slower: set 1 there.
     threads: int | None = None
     # The stage fails when the quantized model's accuracy is more than this below the merged model's.
     parity_tolerance: float = 0.02
@@ -398,7 +398,7 @@ def _unparsable(text: str, err: Exception) -> str:
     return (
         f"override '{text}' is not valid Hydra syntax{where}: quote the value for Hydra, {key}='...'; "
         f"""through make, whose shell removes one pair of quotes, write ARGS="{key}=\\"'...'\\"" """
-        '(docs/configuration.md, "Templates and quoting")'
+        '(docs/configuration.md, "Labels, templates and quoting")'
     )
 
 
