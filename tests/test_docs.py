@@ -1,4 +1,4 @@
-"""The README and docs/ say what is true: links resolve, figures are sourced.
+"""The README and docs/ say what is true: links resolve, documented commands compose, figures are sourced.
 
 The figure rule (README.md and every docs/*.md page):
 
@@ -25,8 +25,11 @@ A figure that no committed file holds is dropped from the docs, not marked: that
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
+import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +109,153 @@ def test_every_docs_page_is_linked_from_the_readme():
     linked = {(REPO_ROOT / t.partition("#")[0]).resolve() for t in _links(README)}
     missing = [_rel(p) for p in DOC_PAGES if p.resolve() not in linked]
     assert not missing, f"docs pages the README does not link: {missing}"
+
+
+# --- documented commands compose ---------------------------------------------------------------------
+
+COMPOSE_SCRIPT = REPO_ROOT / "scripts" / "compose.py"
+# Targets whose recipe composes ARGS with scripts/compose.py (the stage targets are dvc.yaml's stages);
+# `sweep` hands them to Hydra's multirun.
+STAGE_TARGETS = set(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+COMPOSE_TARGETS = {"finetune", "params", "config", "olive-config", *STAGE_TARGETS}
+# An ARGS value that shows a pattern rather than a command: `...`, a <placeholder>, a `key=` stand-in.
+PATTERN = re.compile(r"\.\.\.|^<\w+>$|(?<![\w.])key=")
+
+
+@dataclass(frozen=True)
+class Command:
+    where: str  # file:line
+    target: str
+    args: str  # ARGS as make holds it: after the user's shell
+
+    @property
+    def overrides(self) -> list[str]:
+        """What the recipe's shell passes on: make puts $(ARGS) unquoted into a bash command line."""
+        return shlex.split(self.args)
+
+
+def _documented_commands() -> list[Command]:
+    found = []
+    for path in DOC_FILES:
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"""ARGS=(?:"((?:[^"\\]|\\[\s\S])*)"|'([^']*)')""", text):
+            line_start = text.rfind("\n", 0, m.start()) + 1
+            # A command continued with a backslash: join its lines, as the user's shell does.
+            before = text[line_start : m.start()]
+            while line_start > 0 and text[: line_start - 1].endswith("\\"):
+                prev = text.rfind("\n", 0, line_start - 1) + 1
+                before = text[prev : line_start - 2] + " " + before
+                line_start = prev
+            make = re.findall(r"\bmake\s+([\w-]+)", before)
+            if m.group(1) is not None:  # the user's shell, in double quotes: \" \\ \$ \` and line continuations
+                args = re.sub(r'\\([\\"$`])', r"\1", m.group(1).replace("\\\n", ""))
+            else:
+                args = m.group(2)
+            if PATTERN.search(args):
+                continue
+            lineno = text.count("\n", 0, m.start()) + 1
+            found.append(Command(f"{_rel(path)}:{lineno}", make[-1] if make else "finetune", args))
+    return found
+
+
+COMMANDS = _documented_commands()
+
+
+def test_the_command_finder_sees_the_documented_commands():
+    assert len(COMMANDS) >= 20, COMMANDS
+    gguf = [c for c in COMMANDS if "model.path=" in c.args and ".gguf" in c.args]  # continued over 3 lines
+    assert gguf and all("model.chat_template=" in c.args for c in gguf), gguf
+    assert any(c.target == "sweep" for c in COMMANDS)
+
+
+def _compose_script():
+    spec = importlib.util.spec_from_file_location("slmkit_compose_script_docs", COMPOSE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def dry_run(tmp_path: Path, monkeypatch, capsys):
+    """`make config ARGS=...` in this process: compose, validate, check the layout, plan the stages.
+
+    In a folder with dvc.yaml and no dvc.lock, so the plan needs no `dvc status` (every stage "never run")."""
+    shutil.copy(REPO_ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    script = _compose_script()
+
+    def run(overrides: list[str]) -> tuple[int, str]:
+        code = script.main(["--dry-run", *overrides])
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _first_values(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's own overrides and the job's, each sweep cut to its first value (what job 0 composes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+
+    hydra_side, job = [], []
+    for override in OverridesParser.create().parse_overrides(overrides):  # raises on one Hydra cannot parse
+        if not override.is_sweep_override():
+            text = override.input_line
+        else:
+            sweep = override.value()
+            if isinstance(sweep, ChoiceSweep):
+                first = sweep.list[0]
+            elif isinstance(sweep, (RangeSweep, IntervalSweep)):
+                first = sweep.start
+            else:
+                raise AssertionError(f"{override.input_line}: a sweep kind this test does not compose")
+            text = f"{override.get_key_element()}={first}"
+        (hydra_side if override.key_or_group.startswith("hydra") else job).append(text)
+    return hydra_side, job
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.where for c in COMMANDS])
+def test_documented_command_composes(command: Command, dry_run):
+    """Every `make <target> ARGS="..."` in the README and docs/ composes as make would pass it.
+
+    The ARGS string goes through the two shells it meets: the user's (double-quoted: \\" and \\\\ unescaped)
+    and the recipe's (make puts $(ARGS) unquoted into a bash line: shlex.split). For the composing targets
+    (finetune, params, config, the stages, olive-config) the overrides go through `make config`'s dry run in
+    this process: compose, schema, value rules, the layout check on the meta device. A sweep's overrides
+    must parse with Hydra's override parser; with each sweep cut to its first value, the hydra/ group
+    choices and hydra.* keys compose with Hydra's own config, and the job's overrides go through the same
+    dry run. Files the commands name (a data file, a .gguf file) are not opened: composing reads no data
+    or weights (the prepare and base stages do), so such a path composes as written, on any machine."""
+    assert command.target in COMPOSE_TARGETS | {"sweep"}, f"{command.where}: make {command.target} takes no ARGS"
+    overrides = command.overrides
+    if command.target == "sweep":
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+
+        from slmkit.config import CONF_DIR
+
+        hydra_side, overrides = _first_values(overrides)
+        for choice in hydra_side:
+            if choice.startswith("hydra/launcher=ray_cluster"):
+                assert (CONF_DIR / "hydra/launcher/ray_cluster.yaml").exists()
+                if importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None:
+                    pytest.skip("hydra-ray-launcher is the unlocked `cluster` extra: pip install -e .[cluster]")
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            hydra_compose(config_name="config", overrides=[*hydra_side, *overrides], return_hydra_config=True)
+    code, stderr = dry_run(overrides)
+    assert code == 0, f"{command.where}: make {command.target} ARGS={command.args!r} does not compose: {stderr}"
+
+
+def test_documented_templates_compose_with_newlines():
+    """A template written in a command line with \\n means the lines it shows, not a literal backslash-n."""
+    from slmkit.config import compose
+
+    templated = [c for c in COMMANDS if "template=" in c.args]
+    assert templated
+    for command in templated:
+        cfg = compose(command.overrides)
+        for template in (cfg.data.template, cfg.model.chat_template):
+            assert "\\n" not in template, f"{command.where}: {template!r}"
+        assert cfg.data.template.count("\n") >= 2, f"{command.where}: {cfg.data.template!r}"
 
 
 # --- figures come from committed files ----------------------------------------------------------------
