@@ -320,7 +320,9 @@ def run() -> None:
         default="1024,12,16,2816,32064",
         help="medium model: hidden,layers,heads,intermediate,vocab ('none' to skip)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="compute threads per model (default 1: see README)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="compute threads per model (default 1: see docs/benchmarks.md)"
+    )
     parser.add_argument("--overhead", action="store_true", help="measure pipeline overhead instead")
     parser.add_argument(
         "--serve", action="store_true", help="batched vs one-at-a-time classify, and `slmkit serve` under load"

@@ -499,6 +499,38 @@ def test_bad_config_exits_1_without_traceback_or_params(tmp_path: Path, run_comp
     assert not (tmp_path / "params.yaml").exists()
 
 
+# --- templates and overrides typed on the command line -------------------------------------------
+
+
+def test_backslash_n_in_a_template_override_is_a_newline():
+    """Hydra keeps a quoted override's backslashes; a template typed as one line means the lines it shows."""
+    phi3 = "<|user|>\\n{text}<|end|>\\n<|assistant|>\\n{label}<|end|>"
+    cfg = compose([f"model.chat_template='{phi3}'", "data=tones_chat"])
+    assert cfg.model.chat_template == "<|user|>\n{text}<|end|>\n<|assistant|>\n{label}<|end|>"
+    assert cfg.data.template == cfg.model.chat_template
+    # The shipped default template, typed on the command line, composes to itself.
+    typed = compose(["data.template='### Text: {text}\\n### The tone is:\\n{label}'"])
+    assert typed.data.template == compose([]).data.template
+
+
+def test_unparsable_override_is_one_line_naming_it_and_how_to_quote(tmp_path: Path, run_compose):
+    # What `make params ARGS="model.chat_template='<|user|>...'"` passes on: its shell removed the quotes.
+    override = "model.chat_template=<|user|>\\n{text}<|end|>\\n<|assistant|>\\n{label}<|end|>"
+    code, _, stderr = run_compose(override, cwd=tmp_path)
+    assert code == 1
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert override in stderr and "at '<|'" in stderr
+    assert 'ARGS="model.chat_template=\\"\'...\'\\""' in stderr, stderr  # the key, quoted twice
+    assert not (tmp_path / "params.yaml").exists()
+
+
+def test_an_override_with_several_values_outside_a_sweep_says_to_sweep():
+    with pytest.raises(ConfigError) as err:
+        compose(["lora.r=4,8"])
+    assert str(err.value).count("\n") == 0 and "lora.r=4,8" in str(err.value)
+    assert "make sweep" in str(err.value)
+
+
 # --- each value said once --------------------------------------------------------------------------
 
 

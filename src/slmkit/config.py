@@ -33,6 +33,13 @@ SAMPLINGS = ("random", "group_by_length")
 INT4_ALGOS = ("default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last")
 
 
+# The prompt templates. In them the two characters backslash-n are a newline, wherever the template was
+# written: a quoted Hydra override and a single-quoted YAML string keep a backslash as typed, and none of the
+# prompt formats these keys describe wants a literal backslash-n, so a template typed on the command line
+# would otherwise train on a prompt other than the one it shows.
+TEMPLATE_KEYS = ("data.template", "model.chat_template")
+
+
 class ConfigError(ValueError):
     """A user mistake in the config: the message names the key and what is allowed."""
 
@@ -152,8 +159,8 @@ class EvaluateConfig:
     # Also score every model with the other decoding (metrics/eval.json's decoding_comparison): twice the time.
     compare_decodings: bool = False
     # Compute threads per model; null: one per core, or OMP_NUM_THREADS when set (a parallel sweep's share).
-    # On an idle 2-core machine two threads classified 1.7x faster than one (README, "Benchmark"); on cores
-    # shared with other work, more threads than free cores is many times slower: set 1 there.
+    # On an idle machine more threads classify faster (docs/benchmarks.md has one and two threads side by side);
+    # on cores shared with other work, more threads than free cores is many times slower: set 1 there.
     threads: int | None = None
     # The stage fails when the quantized model's accuracy is more than this below the merged model's.
     parity_tolerance: float = 0.02
@@ -320,6 +327,10 @@ def validate(raw: DictConfig | dict[str, Any], source: str = "config") -> Config
         key = getattr(err, "full_key", None) or "?"
         msg = str(err).splitlines()[0]
         raise ConfigError(f"{source}: config key '{key}': {msg}") from None
+    for dotted in TEMPLATE_KEYS:
+        section, key = dotted.split(".")
+        node = getattr(cfg, section)
+        setattr(node, key, getattr(node, key).replace("\\n", "\n"))
     try:
         check_values(cfg)
     except ConfigError as err:
@@ -359,12 +370,50 @@ def compose(overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Co
     from hydra.errors import HydraException
 
     overrides = list(overrides or [])
+    check_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             raw = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"{conf_dir}: cannot compose with overrides {overrides}: {err}") from None
     return validate(raw, source=f"conf/ + overrides {overrides}" if overrides else "conf/")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Each override parses as one Hydra override of one value; else a one-line ConfigError naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            override = parser.parse_overrides([text])[0]
+        except HydraException as err:
+            raise ConfigError(_unparsable(text, err)) from None
+        if override.is_sweep_override():
+            raise ConfigError(
+                f"override '{text}' gives several values: run it as a sweep (make sweep ARGS=...), "
+                "or write a list as key=[a,b]"
+            )
+
+
+def _unparsable(text: str, err: Exception) -> str:
+    """One line: the override, where Hydra's lexer stopped (from the caret line of its message), how to quote.
+
+    A value with characters the override grammar reserves (<|, {, #, spaces, ...) must reach Hydra in quotes;
+    through make, the recipe's shell removes one pair of quotes first, hence the two pairs."""
+    lines = str(err).splitlines()
+    where = ""
+    if len(lines) >= 2 and "^" in lines[1] and lines[0].endswith(text):
+        column = lines[1].index("^") - (len(lines[0]) - len(text))
+        if 0 <= column < len(text):
+            where = f" at '{text[column : column + 2]}'"
+    key = text.split("=", 1)[0] if "=" in text else "key"
+    return (
+        f"override '{text}' is not valid Hydra syntax{where}: quote the value for Hydra, {key}='...'; "
+        f"""through make, whose shell removes one pair of quotes, write ARGS="{key}=\\"'...'\\"" """
+        '(docs/configuration.md, "Labels, templates and quoting")'
+    )
 
 
 def to_yaml(cfg: Config) -> str:

@@ -14,7 +14,8 @@ from slmkit.prompt import build_prompt, label_suffix, parse_output, stop_marker
 PROMPT_FILE = "slmkit_prompt.json"
 # DECODINGS: stop = greedy generation cut at end-of-sequence or the template's stop marker, then parsed
 # (may be invalid); constrained = greedy decoding restricted to the label set's token sequences.
-# Measured on the tiny model (README, "Evaluation"): constrained decoding is never worse and never invalid.
+# Constrained is the default: its answer is always a label (docs/evaluation.md, "Decoding"); stop decoding's
+# invalid rate is the opt-in check that a model learned to write a label and stop.
 DEFAULT_DECODING = "constrained"
 # Phrases per forward pass (evaluate.batch_size in the pipeline); 1 is the one-at-a-time path.
 DEFAULT_BATCH_SIZE = 16
