@@ -64,6 +64,8 @@ _finetune:
 	$(if $(DVC_CACHE),dvc cache dir --local $(DVC_CACHE))
 	dvc repro
 	$(PY) -m slmkit.cli summary
+	@# The parity gate's verdict is recorded by `evaluate`; here a refused model stops the run.
+	$(PY) -m slmkit.cli gate
 
 $(STAGES): env ## Run the pipeline up to this stage (ARGS=overrides recompose params.yaml first)
 	$(RUNLOCK) $(MAKE) --no-print-directory _stage STAGE=$@

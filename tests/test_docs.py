@@ -426,7 +426,7 @@ def test_figure_rule_reads_what_it_should():
     found = _prose_figures("int4 0.8677, 223 MB, 3.2× faster, 38.4 ms/phrase, Olive 0.13.0, int4, 2026-11-30", "x")
     assert [(f.text, f.unit) for f in found] == [("0.8677", ""), ("223", "MB"), ("3.2", "×"), ("38.4", "ms")]
     assert not _prose_figures("189 test phrases, 16 clients, Phi-3, SmolLM2-135M, 2-core, 128+N, 4 x 512", "x")
-    assert _sourced(Figure("x", "0.8677", "")) and _sourced(Figure("x", "223", "MB"))
+    assert _sourced(Figure("x", "0.8783", "")) and _sourced(Figure("x", "223", "MB"))
     assert _sourced(Figure("x", "657", "MB")) and not _sourced(Figure("x", "544", "MB"))
     assert _sourced(Figure("x", "38.4", "ms")) and not _sourced(Figure("x", "38.2", "ms"))
     assert _sourced(Figure("x", "120", "steps")) and not _sourced(Figure("x", "121", "steps"))

@@ -1,13 +1,11 @@
-"""Default tier: evaluation metrics, the parity gate and label-constrained decoding."""
+"""Default tier: evaluation metrics and label-constrained decoding (the parity gate: tests/test_gate.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from slmkit.evaluate import INVALID, parity_gate, report
-from slmkit.gate import verdict
+from slmkit.evaluate import INVALID, report
 from slmkit.inference import label_token_ids, pick_label
-from slmkit.stage import StageError
 
 LABELS = ["Sadness", "Joy", "Fear", "Surprise"]
 
@@ -31,18 +29,6 @@ def test_report_matches_sklearn():
     matrix = r["confusion"]["matrix"]
     assert matrix[LABELS.index("Sadness")][-1] == 1  # the invalid output
     assert sum(map(sum, matrix)) == len(gold)
-
-
-def test_parity_gate_passes_within_tolerance():
-    parity_gate(verdict("int4_onnx", 0.61, "merged_pytorch", 0.62, tolerance=0.02))
-    parity_gate(verdict("int4_onnx", 0.60, "merged_pytorch", 0.62, tolerance=0.02))  # exactly at the edge
-
-
-def test_parity_gate_fails_with_both_numbers():
-    with pytest.raises(StageError) as err:
-        parity_gate(verdict("int4_onnx", 0.25, "merged_pytorch", 0.6243, tolerance=0.02))
-    msg = str(err.value)
-    assert "0.2500" in msg and "0.6243" in msg and "evaluate.parity_tolerance" in msg
 
 
 def test_pick_label_follows_the_best_allowed_token():

@@ -16,8 +16,9 @@ from slmkit.config import compose
 pytestmark = pytest.mark.slow
 
 
-def test_parity_gate_fails_on_an_int4_model_built_from_the_untrained_base(finished_run: Path, tmp_path: Path):
-    """Swap in an int4 model that ModelBuilder made from the base (no adapter): evaluate must fail, naming both."""
+def test_parity_gate_refuses_an_int4_model_built_from_the_untrained_base(finished_run: Path, tmp_path: Path):
+    """Swap in an int4 model that ModelBuilder made from the base (no adapter): evaluate records a refusal
+    naming both figures, and the model is not what classify or `make finetune`'s gate check give users."""
     from slmkit import olive_config, olive_run
     from slmkit.config import load_params
     from slmkit.inference import save_prompt_config
@@ -38,15 +39,20 @@ def test_parity_gate_fails_on_an_int4_model_built_from_the_untrained_base(finish
     result = subprocess.run(
         [sys.executable, "scripts/evaluate.py"], cwd=ws, env=_env(), capture_output=True, text=True, timeout=900
     )
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]  # recorded, not raised
     metrics = json.loads((ws / "metrics/eval.json").read_text())
     int4, merged = metrics["int4_onnx"]["accuracy"], metrics["merged_pytorch"]["accuracy"]
     assert merged - int4 > cfg.evaluate.parity_tolerance
-    assert "parity gate" in result.stderr
-    assert f"{int4:.4f}" in result.stderr and f"{merged:.4f}" in result.stderr, result.stderr[-2000:]
-    # The refused model is not what users get: classify names the verdict and how to use it anyway.
+    assert metrics["gate"]["verdict"] == "refused"
     verdict = json.loads((ws / "artifacts/evaluate/gate.json").read_text())
     assert verdict["verdict"] == "refused" and verdict["accuracy"] == int4
+    # `make finetune` ends with this check: it fails, naming both figures.
+    gate = subprocess.run(
+        [sys.executable, "-m", "slmkit.cli", "gate"], cwd=ws, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert gate.returncode == 1 and "parity gate refused it" in gate.stderr
+    assert f"{int4:.4f}" in gate.stderr and f"{merged:.4f}" in gate.stderr, gate.stderr[-2000:]
+    # The refused model is not what users get: classify names the verdict and how to use it anyway.
     cmd = [sys.executable, "-m", "slmkit.cli", "classify", "I can't stop smiling"]
     refused = subprocess.run(cmd, cwd=ws, env=_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1 and "parity gate refused it" in refused.stderr and "--ungated" in refused.stderr

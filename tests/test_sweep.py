@@ -100,11 +100,12 @@ def test_stage_report_reads_dvc_lines():
     assert sweep.stage_report(out) == {"ran": ["train", "merge"], "reused": ["prepare", "base"]}
 
 
-def _result(name: str, int4: float, merged: float) -> dict:
+def _result(name: str, int4: float, merged: float, verdict: str = "passed") -> dict:
+    gate = {"verdict": verdict, "gap": round(merged - int4, 4), "tolerance": 0.02}
     return {
         "name": name,
         "overrides": [f"lora.r={name[-1]}"],
-        "metrics": {"int4_onnx": {"accuracy": int4}, "merged_pytorch": {"accuracy": merged}},
+        "metrics": {"int4_onnx": {"accuracy": int4}, "merged_pytorch": {"accuracy": merged}, "gate": gate},
         "objective": int4,
         "stages": {"ran": ["train"], "reused": ["prepare", "base"]},
         "seconds": 1.0,
@@ -186,12 +187,31 @@ def test_objective_follows_the_builder_precision():
 
 def test_summary_of_a_sweep_over_builders_ranks_each_job_by_its_own_model(tmp_path: Path):
     fp32 = _result("s-0", 0.0, 0.62)
-    fp32["metrics"] = {"fp32_onnx": {"accuracy": 0.64}, "merged_pytorch": {"accuracy": 0.62}}
+    gate = {"verdict": "passed", "gap": -0.02, "tolerance": 0.02}
+    fp32["metrics"] = {"fp32_onnx": {"accuracy": 0.64}, "merged_pytorch": {"accuracy": 0.62}, "gate": gate}
     fp32.update(objective=0.64, objective_model="fp32_onnx")
     int4 = _result("s-1", 0.58, 0.62)
     int4["objective_model"] = "int4_onnx"
     sweep.write_json(tmp_path / "0" / sweep.RESULT_FILE, fp32)
     sweep.write_json(tmp_path / "1" / sweep.RESULT_FILE, int4)
     rows = [line for line in sweep.summarise(tmp_path).splitlines() if "| s-" in line]
-    assert rows[0].startswith("| ★ | s-0 ") and "| 0.6400 | fp32_onnx | 0.6200 |" in rows[0]
-    assert rows[1].startswith("|  | s-1 ") and "| 0.5800 | int4_onnx | 0.6200 |" in rows[1]
+    assert rows[0].startswith("| ★ | s-0 ") and "| 0.6400 | fp32_onnx | 0.6200 | passed (-2.0 pts) |" in rows[0]
+    assert rows[1].startswith("|  | s-1 ") and "| 0.5800 | int4_onnx | 0.6200 | passed (+4.0 pts) |" in rows[1]
+
+
+def test_the_pick_is_the_best_job_the_gate_passed_and_refusals_are_listed(tmp_path: Path):
+    jobs = [
+        _result("s-0", 0.80, 0.90, "refused"),  # the highest accuracy, 10 points below its merged model
+        _result("s-1", 0.70, 0.71),
+        _result("s-2", 0.75, 0.90, "loose"),  # passed only a tolerance past the bound
+        _result("s-3", 0.60, 0.60),
+    ]
+    for i, job in enumerate(jobs):
+        sweep.write_json(tmp_path / str(i) / sweep.RESULT_FILE, job)
+    rows = [line for line in sweep.summarise(tmp_path).splitlines() if "| s-" in line]
+    assert [row.split(" | ")[1] for row in rows] == ["s-0", "s-2", "s-1", "s-3"]  # by accuracy, all listed
+    assert rows[0].startswith("|  | s-0 ") and "| refused (+10.0 pts) |" in rows[0]
+    assert rows[2].startswith("| ★ | s-1 ")
+    assert sweep.best(sweep.collect(tmp_path))["name"] == "s-1"
+    assert sweep.failed(sweep.collect(tmp_path)) == []  # a refusal is a result, not a failure
+    assert sweep.best([_result("s-0", 0.8, 0.9, "refused")]) is None

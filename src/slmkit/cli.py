@@ -161,7 +161,7 @@ def _prompt_line() -> str | None:
 
 def _gate(args: argparse.Namespace) -> int:
     """The parity gate's verdict on a model folder: exit 0 only when it may ship."""
-    from slmkit.gate import NotShipped, check
+    from slmkit.gate import NotShipped, check, describe
 
     try:
         record = check(args.path)
@@ -171,8 +171,6 @@ def _gate(args: argparse.Namespace) -> int:
     if record is None:
         print(f"slmkit gate: {args.path} was not built by this pipeline: no gate applies", file=sys.stderr)
         return 1
-    from slmkit.gate import describe
-
     print(f"{args.path}: parity gate {describe(record)}")
     return 0
 
@@ -183,11 +181,6 @@ def _summary(args: argparse.Namespace) -> int:
         return 1
     metrics = json.loads(EVAL_JSON.read_text())
     print(f"\nModel: {DEFAULT_MODEL}/  (onnxruntime-genai folder)")
-    gate_json = stage_dir("evaluate") / "gate.json"
-    if gate_json.exists():
-        from slmkit.gate import describe
-
-        print(f"Parity gate: {describe(json.loads(gate_json.read_text()))}")
     print(f"Test accuracy ({metrics.get('decoding', 'stop')} decoding):")
     for name, m in metrics.items():
         if not isinstance(m, dict) or "accuracy" not in m:

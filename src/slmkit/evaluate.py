@@ -7,7 +7,6 @@ import time
 
 from slmkit.data import Example
 from slmkit.inference import Classifier
-from slmkit.stage import StageError
 
 # The confusion matrix's extra column: outputs that are not one of the labels.
 INVALID = "(invalid)"
@@ -80,19 +79,6 @@ def score(
     metrics = report([e.label for e in test], [p.label for p in preds], list(clf.data.labels))
     rows = [{f"{name}_pred": p.label, f"{name}_output": p.output} for p in preds]
     return metrics, rows, round(seconds / len(test), 5)
-
-
-def parity_gate(verdict: dict) -> None:
-    """Fail the stage when the gate refused the quantized model (slmkit.gate.verdict's record)."""
-    from slmkit.gate import REFUSED
-
-    if verdict["verdict"] == REFUSED:
-        raise StageError(
-            f"parity gate: {verdict['model']} accuracy {verdict['accuracy']:.4f} is {100 * verdict['gap']:.1f} "
-            f"points below {verdict['reference']} accuracy {verdict['reference_accuracy']:.4f}; the tolerance is "
-            f"{100 * verdict['tolerance']:.1f} points (evaluate.parity_tolerance). Check the builder settings "
-            "(builder.*) or raise the tolerance; the figures are in metrics/eval.json."
-        )
 
 
 def bag_of_words_baseline(train: list[Example], test: list[Example], seed: int, labels: list[str]) -> dict:

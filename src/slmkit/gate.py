@@ -103,7 +103,10 @@ def check(model_dir: Path) -> dict | None:
         raise NotShipped(f"{file}: not a gate record ({err}); run `make evaluate`") from None
     if status != PASSED:
         what = "the parity gate refused it" if status == REFUSED else "its gate was loosened"
-        raise NotShipped(f"{model_dir}: {what} ({describe(record)}; {file}); {HOW_ANYWAY}")
+        raise NotShipped(
+            f"{model_dir}: {what} ({describe(record)}; {file}). Try other builder settings (builder.*, "
+            f"docs/int4.md); {HOW_ANYWAY}"
+        )
     if record.get("model_sha256") != fingerprint(model_dir):
         raise NotShipped(
             f"{model_dir} is not the model the parity gate judged ({file} records another build): run "

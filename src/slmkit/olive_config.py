@@ -173,9 +173,9 @@ def quantize_workflow(
         if adapter_path is None:
             raise ValueError("builder.adapter=separate needs the adapter")
         targets = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))["target_modules"]
-        passes = {"builder": builder_pass(cfg, _num_layers(model_path), targets)}
+        passes = {"builder": builder_pass(cfg, model_path, targets)}
         return _workflow(cfg, _input_model(cfg, model_path, adapter_path), passes, work_dir, for_builder=True)
-    passes = {"builder": builder_pass(cfg, _num_layers(model_path))}
+    passes = {"builder": builder_pass(cfg, model_path)}
     return _workflow(cfg, _input_model(cfg, model_path), passes, work_dir, for_builder=True)
 
 
@@ -222,15 +222,19 @@ def excluded_nodes(modules: list[str], num_layers: int) -> list[str]:
     ]
 
 
-def builder_pass(cfg: Config, num_layers: int, lora_targets: list[str] | None = None) -> dict[str, Any]:
+def builder_pass(cfg: Config, model_path: str | Path, lora_targets: list[str] | None = None) -> dict[str, Any]:
+    """ModelBuilder for `model_path`: int4 keeps the adapter's branches (`lora_targets`) and
+    builder.int4_exclude out of int4, in each of the model's layers."""
     b = cfg.builder
     olive_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": b.precision}
     if b.precision == "int4":
         olive_pass["int4_block_size"] = b.int4_block_size
         olive_pass["int4_accuracy_level"] = b.int4_accuracy_level
         olive_pass["int4_algo_config"] = b.int4_algo
-        keep_out_of_int4 = lora_branch_nodes(lora_targets, num_layers) if lora_targets else []
-        keep_out_of_int4 += excluded_nodes(list(b.int4_exclude or []), num_layers)
+        excluded = list(b.int4_exclude or [])
+        layers = _num_layers(model_path) if lora_targets or excluded else 0
+        keep_out_of_int4 = lora_branch_nodes(lora_targets, layers) if lora_targets else []
+        keep_out_of_int4 += excluded_nodes(excluded, layers)
         if keep_out_of_int4:
             olive_pass["int4_nodes_to_exclude"] = keep_out_of_int4
     if b.prune_lm_head:
@@ -252,8 +256,8 @@ def single_workflow(
         from slmkit.arch import adaptable_modules, meta_model
 
         targets = cfg.lora.target_modules or sorted(adaptable_modules(meta_model(cfg.model)))
-        passes["builder"] = builder_pass(cfg, _num_layers(base_path), list(targets))
+        passes["builder"] = builder_pass(cfg, base_path, list(targets))
     else:
         passes["merge"] = {"type": "MergeAdapterWeights"}
-        passes["builder"] = builder_pass(cfg, _num_layers(base_path))
+        passes["builder"] = builder_pass(cfg, base_path)
     return _workflow(cfg, _input_model(cfg, base_path), passes, work_dir, data, for_builder=True)

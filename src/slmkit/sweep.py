@@ -25,6 +25,7 @@ from hydra.experimental.callback import Callback
 
 from slmkit.config import Config, to_yaml, validate
 from slmkit.files import write_json
+from slmkit.gate import PASSED
 from slmkit.paths import EVAL_JSON, onnx_metrics_key
 from slmkit.stage import StageError
 
@@ -194,33 +195,49 @@ def failed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in results if r.get("failed") is not None]
 
 
-def summary_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table of every job: overrides, accuracy of each model, stages run/reused; best marked.
+def verdict(result: dict[str, Any]) -> str | None:
+    """A finished job's parity-gate verdict (passed | refused | loose), from its metrics; None for a crash."""
+    if result.get("failed") is not None:
+        return None
+    return (result["metrics"].get("gate") or {}).get("verdict")
 
-    A failed job is listed last with the error line of the stage that failed."""
+
+def best(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The job to pick: the highest objective among those whose model the parity gate passed."""
+    shippable = [r for r in results if verdict(r) == PASSED]
+    return max(shippable, key=lambda r: r["objective"]) if shippable else None
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of every job: overrides, accuracy of each model, the gate's verdict, stages run/reused;
+    the pick (★) is the best job the gate passed.
+
+    A job that crashed is listed last with the error line of the stage that failed."""
     if not results:
         return "(no finished jobs)"
     done = [r for r in results if r.get("failed") is None]
-    best = max(done, key=lambda r: r["objective"]) if done else None
+    pick = best(results)
     lines = [
-        "| | experiment | overrides | ONNX acc | ONNX model | merged acc | stages run | reused | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| | experiment | overrides | ONNX acc | ONNX model | merged acc | gate | stages run | reused | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(done, key=lambda r: -r["objective"]):
         m = r["metrics"]
         merged = m.get("merged_pytorch", {}).get("accuracy")
+        gate = m.get("gate") or {}
+        judged = f"{gate['verdict']} ({100 * gate['gap']:+.1f} pts)" if gate else "-"
         lines.append(
-            f"| {'★' if r is best else ''} | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | "
+            f"| {'★' if r is pick else ''} | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | "
             # result.json files written before the objective followed the builder: int4.
             f"{r['objective']:.4f} | {r.get('objective_model', 'int4_onnx')} | "
-            f"{'-' if merged is None else f'{merged:.4f}'} | "
+            f"{'-' if merged is None else f'{merged:.4f}'} | {judged} | "
             f"{', '.join(r['stages']['ran']) or '-'} | {', '.join(r['stages']['reused']) or '-'} | {r['seconds']} |"
         )
     for r in failed(results):
         reason = r["failed"].replace("|", "/")
         lines.append(
             f"| ✗ | {r['name']} | {' '.join(r['overrides']) or '(defaults)'} | failed | {reason} "
-            f"(log: {r['log']}) | | | | {r['seconds']} |"
+            f"(log: {r['log']}) | | | | | {r['seconds']} |"
         )
     return "\n".join(lines)
 
@@ -249,5 +266,13 @@ class SweepSummary(Callback):
         print(f"\nsweep {sweep_dir} ({len(results)} jobs):\n{table}\n")
         print("compare with DVC: dvc exp show   |   plots: dvc plots diff <exp> <exp>")
         FAILED_JOBS[:] = [r["name"] for r in failed(results)]
+        unshipped = [r["name"] for r in results if verdict(r) not in (None, PASSED)]
+        if unshipped:
+            # A finding, not a failure: the experiment and its verdict are recorded (dvc exp show).
+            print(
+                f"slmkit sweep: the parity gate did not pass {len(unshipped)} of {len(results)}: {', '.join(unshipped)}"
+            )
+        if not best(results) and not FAILED_JOBS:
+            print("slmkit sweep: no job's model passed the parity gate: none is picked")
         if FAILED_JOBS:
             print(f"slmkit sweep: {len(FAILED_JOBS)} of {len(results)} jobs failed: {', '.join(FAILED_JOBS)}")
