@@ -52,7 +52,8 @@ def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(private_r
         assert "train" in r["stages"]["ran"] and "base" not in r["stages"]["ran"]
         assert r["threads"] == 1  # 2 jobs on 2 cores: one thread each
         m = r["metrics"]["int4_onnx"]
-        assert m["n"] == n_test and m["accuracy"] * n_test == pytest.approx(round(m["accuracy"] * n_test)), m
+        # A share of the test phrases, rounded to 4 decimals.
+        assert m["n"] == n_test and abs(m["accuracy"] * n_test - round(m["accuracy"] * n_test)) <= 5e-5 * n_test, m
     pick = best(results)
     assert ("★" in result.stdout) == (pick is not None) and ("none is picked" in result.stdout) == (pick is None)
     exps = _experiments(private_run)

@@ -42,3 +42,16 @@ def test_two_clones_write_the_same_bytes(tmp_path: Path, monkeypatch):
             (out / "big.json").write_text(" " * (TEXT_MAX_BYTES + 1))
         outputs.append((ws / "out/record.json").read_bytes())
     assert outputs[0] == outputs[1] == b'{"model": "artifacts/base/model"}'
+
+
+def test_tokenizer_configs_lose_how_they_were_loaded(tmp_path: Path, monkeypatch):
+    """transformers records local_files_only (it follows HF_HUB_OFFLINE) in tokenizer_config.json."""
+    monkeypatch.chdir(tmp_path)
+    written = []
+    for offline in (True, False):
+        with atomic_dir(Path("base")) as out:
+            (out / "model").mkdir()
+            config = {"eos_token": "<|im_end|>", "is_local": True, "local_files_only": offline}
+            (out / "model/tokenizer_config.json").write_text(json.dumps(config))
+        written.append(json.loads((tmp_path / "base/model/tokenizer_config.json").read_text()))
+    assert written[0] == written[1] == {"eos_token": "<|im_end|>", "is_local": True}

@@ -97,7 +97,7 @@ def test_eval_metrics(finished_run: Path):
     # Each accuracy is what the predictions say, phrase by phrase.
     for name in ("int4_onnx", "merged_pytorch"):
         correct = sum(p[f"{name}_pred"] == p["label"] for p in preds)
-        assert metrics[name]["accuracy"] == pytest.approx(correct / n_test), name
+        assert metrics[name]["accuracy"] == pytest.approx(correct / n_test, abs=5e-5), name  # 4 decimals
     # The gate's verdict is on these figures and on the model in place, and it lets the model ship.
     verdict = json.loads((finished_run / "artifacts/evaluate/gate.json").read_text())
     assert verdict["verdict"] == "passed", verdict

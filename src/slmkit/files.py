@@ -22,7 +22,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
     A crash or kill leaves the previous `final` (or none), never a half-written one. Paths into the
     workspace that the block (or a tool it ran) wrote into text files become relative to it
-    (workspace_relative): an output's bytes do not depend on the folder the repo lives in.
+    (workspace_relative), and tokenizer configs lose their load flags (drop_load_flags): an output's bytes
+    do not depend on the folder the repo lives in or on HF_HUB_OFFLINE.
     """
     final = Path(final)
     _clean_stale(final)
@@ -33,6 +34,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         yield tmp
         raise_if_interrupted()  # a library may have swallowed the signal's exception: never commit then
         workspace_relative(tmp)
+        drop_load_flags(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -79,6 +81,23 @@ def workspace_relative(folder: Path) -> list[Path]:
         text = path.read_text(encoding="utf-8", errors="surrogateescape")
         if prefix in text:
             path.write_text(text.replace(prefix, ""), encoding="utf-8", errors="surrogateescape")
+            changed.append(path)
+    return changed
+
+
+# Keys transformers writes into tokenizer_config.json about how the tokenizer was loaded, not what it is:
+# local_files_only follows HF_HUB_OFFLINE, so the same tokenizer saved with and without it differed by a byte.
+LOAD_FLAGS = ("local_files_only",)
+
+
+def drop_load_flags(folder: Path) -> list[Path]:
+    """Remove LOAD_FLAGS from every tokenizer_config.json in `folder`; returns the files changed."""
+    changed = []
+    for path in sorted(folder.rglob("tokenizer_config.json")):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if any(key in config for key in LOAD_FLAGS):
+            kept = {k: v for k, v in config.items() if k not in LOAD_FLAGS}
+            path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             changed.append(path)
     return changed
 
