@@ -26,15 +26,13 @@ class NotShipped(Exception):
 
 
 def fingerprint(folder: Path) -> str:
-    """sha256 over a folder's files (relative path and bytes, in sorted order): the model a verdict judged."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
+    """sha256 over a folder's files (relative path and each file's sha256, in sorted order): the model a
+    verdict judged."""
+    from slmkit.data import sha256_file
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    listing = "".join(f"{p.relative_to(folder).as_posix()}\0{sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def verdict(model: str, accuracy: float, reference: str, reference_accuracy: float, tolerance: float) -> dict:
