@@ -143,6 +143,8 @@ class GenaiModel:
         eos = spec["eos_token_id"]
         self.eos_ids = {int(i) for i in eos} if isinstance(eos, list) else {int(eos)}
         self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
+        # Prompt and new tokens together at most: a longer generator is refused by onnxruntime-genai.
+        self.context_length = int(spec["context_length"])
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -258,6 +260,8 @@ class TorchModel:
         eos = self.model.generation_config.eos_token_id
         eos = self.eos_id if eos is None else eos
         self.eos_ids = {int(i) for i in eos} if isinstance(eos, list) else {int(eos)}
+        # Prompt and new tokens together at most: the positions the model was built for.
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", None) or 2**31)
         # Padding is masked out, so any id does; a tokenizer without a pad token pads with end-of-sequence.
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
