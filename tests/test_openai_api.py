@@ -300,6 +300,8 @@ class StandIn:
 
     def stream(self, prompt: str, max_tokens: int, stop: str | None = None):
         self.seen.append((self.lock.locked(), threading.current_thread().name))
+        if self.failing == "later":  # after the answer began
+            yield Piece("x")
         if self.failing:
             raise RuntimeError("out of memory")
         try:
@@ -360,6 +362,11 @@ def test_a_model_failure_is_a_500_or_an_error_event_and_the_server_goes_on(stand
         client.chat.completions.create(model="tiny", messages=user("hi"))
     with pytest.raises(openai.InternalServerError, match="RuntimeError: out of memory"):
         list(client.chat.completions.create(model="tiny", messages=user("hi"), stream=True))
+    model.failing = "later"
+    chunks = []
+    with pytest.raises(openai.APIError, match="RuntimeError: out of memory") as failed:
+        chunks.extend(client.chat.completions.create(model="tiny", messages=user("hi"), stream=True))
+    assert failed.value.body["type"] == "server_error" and [c.choices[0].delta.content for c in chunks] == ["", "x"]
     model.failing = False
     assert client.chat.completions.create(model="tiny", messages=user("hi")).choices[0].finish_reason == "stop"
 

@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from slmkit.serve import ServeSettings, serve
 
-    # The flag wins; the environment keeps the key out of the process list and the shell history.
+    # The flag wins; the environment keeps the key out of the process list (`ps` shows a flag's value).
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     if api_key is not None and not api_key.strip():
         source = "--api-key" if args.api_key is not None else API_KEY_ENV
