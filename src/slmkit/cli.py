@@ -15,6 +15,7 @@ DEFAULT_MODEL = stage_dir("quantize") / "model"
 # --model accepts a folder or one of these names for the pipeline's outputs.
 # Phrases of a file classified before their labels are printed (in input order).
 PRINT_CHUNK = 1024
+API_KEY_ENV = "SLMKIT_API_KEY"
 UNGATED = "use the pipeline's model even though the parity gate did not pass it (slmkit gate says why)"
 MODEL_NAMES = {"int4": DEFAULT_MODEL, "onnx": DEFAULT_MODEL, "merged": stage_dir("merge") / "model", "base": None}
 
@@ -120,8 +121,16 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+
     from slmkit.serve import ServeSettings, serve
 
+    # The flag wins; the environment keeps the key out of the process list (`ps` shows a flag's value).
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():
+        source = "--api-key" if args.api_key is not None else API_KEY_ENV
+        print(f"slmkit serve: error: {source} is empty; give a key, or unset it to serve without one", file=sys.stderr)
+        return 2
     clf = _load(args, "serve")
     if clf is None:
         return 1
@@ -131,8 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         queue_size=args.queue_size,
         max_body_bytes=args.max_body_bytes,
+        max_tokens=args.max_tokens,
+        api_key=api_key,
     )
-    serve(clf, settings, args.host, args.port, model_name=str(args.model))
+    serve(clf, settings, args.host, args.port, model_name=args.served_model_name or str(args.model))
     return 0
 
 
@@ -143,8 +154,13 @@ def _chat(args: argparse.Namespace) -> int:
     interactive = not args.message
     messages = [" ".join(args.message)] if args.message else iter(lambda: _prompt_line(), None)
     for message in messages:
-        reply = clf.chat(message, max_new_tokens=args.max_new_tokens, template=not args.raw)
-        print(json.dumps({"message": message, "reply": reply}, ensure_ascii=False) if args.json else reply, flush=True)
+        if args.json:  # one object per reply: printed once the reply is complete
+            reply = clf.chat(message, max_new_tokens=args.max_new_tokens, template=not args.raw)
+            print(json.dumps({"message": message, "reply": reply}, ensure_ascii=False), flush=True)
+        else:  # each token's text as it is decoded; the same text, then a newline, as the whole reply
+            for piece in clf.chat_stream(message, max_new_tokens=args.max_new_tokens, template=not args.raw):
+                print(piece.text, end="", flush=True)
+            print(flush=True)
         if not interactive:
             break
     return 0
@@ -266,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument(
         "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
     )
+    v.add_argument(
+        "--max-tokens", type=_positive, default=64, help="new tokens per chat completion at most (%(default)s)"
+    )
+    v.add_argument(
+        "--api-key",
+        help=f"require `Authorization: Bearer KEY` on every request but /health (default: ${API_KEY_ENV}, else none)",
+    )
+    v.add_argument("--served-model-name", help="the model's name in the OpenAI API (default: the --model value)")
     v.set_defaults(func=_serve, max_new_tokens=8)
     g = sub.add_parser("gate", help="the parity gate's verdict on the built model (exit 1 unless it may ship)")
     g.add_argument("path", nargs="?", type=Path, default=DEFAULT_MODEL)

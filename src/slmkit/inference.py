@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from slmkit.config import DECODINGS, DataConfig
 from slmkit.prompt import build_prompt, label_suffix, parse_output, stop_marker
@@ -99,6 +101,19 @@ def default_threads() -> int:
     return int(budget) if budget.isdigit() and int(budget) > 0 else len(os.sched_getaffinity(0))
 
 
+class Piece(NamedTuple):
+    """What one generated token adds to the reply (`stream`): the text it completes, and why decoding ended
+    when it is the last token.
+
+    `text` is "" for a token that only starts a character (its bytes complete on a later token) and for an
+    end-of-sequence token. `finish_reason` is None until the last piece: "stop" (end-of-sequence, or the
+    stop string is in the text) or "length" (max_new_tokens written), as the OpenAI API names them.
+    """
+
+    text: str
+    finish_reason: str | None = None
+
+
 class _NeedsMore(Exception):
     """The batch's first-token logits did not settle the label: decode this prompt on its own."""
 
@@ -128,6 +143,8 @@ class GenaiModel:
         eos = spec["eos_token_id"]
         self.eos_ids = {int(i) for i in eos} if isinstance(eos, list) else {int(eos)}
         self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
+        # Prompt and new tokens together at most: a longer generator is refused by onnxruntime-genai.
+        self.context_length = int(spec["context_length"])
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -189,20 +206,37 @@ class GenaiModel:
                     open_rows.discard(i)
         return [self.tokenizer.decode(out) for out in outs]
 
-    def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
+    def stream(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> Iterator[Piece]:
+        """Greedy generation after `prompt`, one Piece per token as it is decoded, until end-of-sequence,
+        `stop` in the text, or max_new_tokens. Closing the iterator early stops decoding.
+
+        onnxruntime-genai's token stream holds back the bytes of a character split over tokens until it is
+        complete, so the pieces join to the text the tokenizer decodes from all the tokens, except that a
+        character still incomplete when max_new_tokens ends decoding is left out (decode gives U+FFFD).
+        """
         og = self.og
         ids = self.tokenizer.encode(prompt)
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
-        out: list[int] = []
+        decoder = self.tokenizer.create_stream()
+        text, count = "", 0
         while not gen.is_done():
             gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-            if stop and stop in self.tokenizer.decode(out):
-                break
-        return self.tokenizer.decode(out)
+            token = int(gen.get_next_tokens()[0])
+            count += 1
+            piece = decoder.decode(token)
+            text += piece
+            if token in self.eos_ids or (stop and stop in text):
+                yield Piece(piece, "stop")
+                return
+            # is_done without end-of-sequence: the generator reached max_length (prompt + max_new_tokens).
+            yield Piece(piece, "length" if count >= max_new_tokens or gen.is_done() else None)
+
+    def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
+        """The text `stream` writes, whole."""
+        return "".join(piece.text for piece in self.stream(prompt, max_new_tokens, stop))
 
 
 class TorchModel:
@@ -222,6 +256,12 @@ class TorchModel:
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
         self.eos_id = self.tokenizer.eos_token_id
+        # What ends generation: the model's generation config (one id or several), as `generate` reads it.
+        eos = self.model.generation_config.eos_token_id
+        eos = self.eos_id if eos is None else eos
+        self.eos_ids = {int(i) for i in eos} if isinstance(eos, list) else {int(eos)}
+        # Prompt and new tokens together at most: the positions the model was built for.
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", None) or 2**31)
         # Padding is masked out, so any id does; a tokenizer without a pad token pads with end-of-sequence.
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
@@ -282,19 +322,36 @@ class TorchModel:
             )
         return [self.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True) for row in out]
 
-    def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
+    def stream(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> Iterator[Piece]:
+        """Greedy generation after `prompt`, one Piece per token, ending as GenaiModel.stream does.
+
+        A plain loop over the model with its key-value cache rather than `generate`, which hands tokens out
+        only through a callback. A piece is the new part of the decoded text; a character whose bytes are
+        not all written yet decodes to U+FFFD and is held back until they are (the last piece flushes it).
+        """
+        torch = self._torch
         # add_special_tokens=False: the same token ids as onnxruntime-genai's tokenizer (no BOS).
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        with self._torch.no_grad():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                stop_strings=[stop] if stop else None,
-                tokenizer=self.tokenizer,
-            )
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        ids = torch.tensor([self.encode(prompt)])
+        cache, out, sent = None, [], ""
+        for count in range(1, max_new_tokens + 1):
+            with torch.no_grad():
+                result = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache = result.past_key_values
+            token = int(result.logits[0, -1].argmax())
+            out.append(token)
+            ids = torch.tensor([[token]])
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            reason = "stop" if token in self.eos_ids or (stop and stop in text) else None
+            reason = reason or ("length" if count == max_new_tokens else None)
+            piece = text[len(sent) :] if reason or not text.endswith("\ufffd") else ""
+            sent += piece
+            yield Piece(piece, reason)
+            if reason:
+                return
+
+    def generate(self, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
+        """The text `stream` writes, whole."""
+        return "".join(piece.text for piece in self.stream(prompt, max_new_tokens, stop))
 
 
 class Classifier:
@@ -398,9 +455,13 @@ class Classifier:
 
     def chat(self, message: str, max_new_tokens: int = 64, template: bool = True) -> str:
         """Free generation, greedy: `message` inside the training prompt (up to its stop marker), or as is."""
+        return "".join(piece.text for piece in self.chat_stream(message, max_new_tokens, template))
+
+    def chat_stream(self, message: str, max_new_tokens: int = 64, template: bool = True) -> Iterator[Piece]:
+        """`chat` one token at a time, as it is decoded (Piece)."""
         if template:
-            return self.model.generate(build_prompt(self.data, message), max_new_tokens, stop=stop_marker(self.data))
-        return self.model.generate(message, max_new_tokens)
+            return self.model.stream(build_prompt(self.data, message), max_new_tokens, stop=stop_marker(self.data))
+        return self.model.stream(message, max_new_tokens)
 
 
 def load(

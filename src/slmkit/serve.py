@@ -2,31 +2,44 @@
 
     POST /classify  {"phrases": ["...", ...]}  ->  {"results": [{"text", "label", "scores"}, ...]}
     GET  /health                               ->  {"status": "ok", "labels", "queued", ...}
+    GET  /v1/models, POST /v1/chat/completions ->  OpenAI's API (slmkit.openai_api), streamed or whole
 
 Requests that arrive within `max_wait_ms` of each other are classified together, one forward pass per
 `batch_size` phrases (constrained decoding, slmkit.inference). The queue is bounded: when `queue_size`
 requests wait, a new one gets 503 at once instead of a long wait. A body over `max_body_bytes` is refused
 before it is read. Bad requests get a 4xx naming the problem, a batch the model fails a 500 (docs/serving.md
 has the table). Should the batcher task ever end, /health answers 503 and so does every request.
+
+A chat completion runs on the same worker thread as the batches, between them, under the same model lock.
+With an API key set, every request but GET /health must carry `Authorization: Bearer <key>` (401 otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
 import threading
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 # At module level: FastAPI reads the handlers' annotations (strings here) in this module's namespace.
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from slmkit.inference import Classifier
-from slmkit.prompt import build_prompt
+from slmkit.prompt import build_prompt, stop_marker
+
+if TYPE_CHECKING:  # openai_api imports this module
+    from slmkit.openai_api import ChatRequest
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +52,8 @@ class ServeSettings:
     max_batch: int = 64  # phrases gathered into one batch at most (then split by the classifier's batch_size)
     queue_size: int = 32  # requests waiting at most (503 above)
     max_body_bytes: int | None = None  # request body (413 above); None: default_max_body_bytes()
+    max_tokens: int = 64  # new tokens in one chat completion at most, and what a request without max_tokens gets
+    api_key: str | None = field(default=None, repr=False)  # None: no authentication; never printed
 
 
 # The longest JSON spelling of one character: an escaped surrogate pair, \ud83d\ude00 for one emoji.
@@ -85,18 +100,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def load_json(body: bytes, example: str):
+    """The body's JSON value, or a 400 saying why it cannot be read and what to send (`example`)."""
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as err:
+        raise RequestError(400, f"the body is not JSON ({err.msg} at character {err.pos}); send {example}") from None
+    except UnicodeDecodeError:
+        raise RequestError(400, f"the body is not UTF-8 text; send {example}") from None
+    except RecursionError:
+        raise RequestError(400, f"the body's JSON is nested too deeply to read; send {example}") from None
+    except ValueError:  # Python reads no integer of over 4300 digits (sys.get_int_max_str_digits)
+        raise RequestError(400, f"the body's JSON holds a number too long to read; send {example}") from None
+
+
 def parse_request(body: bytes, settings: ServeSettings, max_chars: int) -> list[str]:
     """The phrases of a /classify body, or a RequestError saying what is wrong with it."""
-    try:
-        payload = json.loads(body)
-    except json.JSONDecodeError as err:
-        raise RequestError(400, f"the body is not JSON ({err.msg} at character {err.pos}); send {EXAMPLE}") from None
-    except UnicodeDecodeError:
-        raise RequestError(400, f"the body is not UTF-8 text; send {EXAMPLE}") from None
-    except RecursionError:
-        raise RequestError(400, f"the body's JSON is nested too deeply to read; send {EXAMPLE}") from None
-    except ValueError:  # Python reads no integer of over 4300 digits (sys.get_int_max_str_digits)
-        raise RequestError(400, f"the body's JSON holds a number too long to read; send {EXAMPLE}") from None
+    payload = load_json(body, EXAMPLE)
     if not isinstance(payload, dict) or "phrases" not in payload:
         raise RequestError(422, 'the body must be a JSON object with a "phrases" list: {"phrases": ["..."]}')
     extra = sorted(set(payload) - {"phrases"})
@@ -155,6 +175,16 @@ class Batcher:
                     if row is not None:
                         results[i]["scores"] = dict(zip(labels, row, strict=True))
         return results
+
+    def run_on_model(self, work) -> asyncio.Future:
+        """`work()` on the model's worker thread, after what is already queued for it, under model_lock: a
+        chat completion takes its turn between batches and never runs beside one."""
+
+        def locked():
+            with self.model_lock:
+                return work()
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, locked)
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.settings.queue_size)
@@ -234,12 +264,152 @@ class Batcher:
             self.in_flight = 0
 
 
+_END = object()  # what a chat's worker puts last on its queue
+
+
+class Chats:
+    """Chat completions on the model: each runs on the batcher's worker thread (Batcher.run_on_model) and
+    hands the reply's deltas (slmkit.openai_api.Delta) to the event loop as tokens are decoded. At most
+    `queue_size` wait or run at once (503 above), as for /classify."""
+
+    def __init__(self, batcher: Batcher, queue_size: int):
+        self.batcher = batcher
+        self.queue_size = queue_size
+        self.pending = 0
+
+    def start(self, req: ChatRequest, limit: int) -> AsyncIterator[tuple[int, object]]:
+        """(prompt tokens, delta) pairs of the reply to `req` (slmkit.openai_api.ChatRequest): its message
+        rendered in the model folder's prompt template, at most `limit` new tokens unless it asks for
+        fewer, cut at the first of its stop strings or the template's stop marker. A refusal (503, or 400
+        for a prompt over the model's context) comes before the first pair; leaving the iteration stops
+        the decoding."""
+        from slmkit.openai_api import ApiError, cut_at_stops, new_tokens
+
+        if self.batcher.failure:
+            raise ApiError(503, self.batcher.failure)
+        if self.pending >= self.queue_size:
+            raise ApiError(
+                503, f"busy: {self.queue_size} chat requests are waiting or running (--queue-size); retry shortly"
+            )
+        clf = self.batcher.clf
+        prompt = build_prompt(clf.data, req.text)
+        # The template's marker ends the reply: like a stop string, it is not part of the content.
+        stops = [*req.stop, stop_marker(clf.data)]
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()  # set once no one reads the deltas any more
+
+        def put(item) -> None:
+            if not loop.is_closed():  # closed: the server has stopped and no one reads
+                loop.call_soon_threadsafe(deltas.put_nowait, item)
+
+        def work() -> None:
+            try:
+                if gone.is_set():
+                    return
+                prompt_tokens = len(clf.model.encode(prompt))
+                max_tokens = new_tokens(prompt_tokens, clf.model.context_length, req, limit)
+                pieces = clf.model.stream(prompt, max_tokens, stop=stop_marker(clf.data))
+                try:
+                    for delta in cut_at_stops(pieces, stops):
+                        put((prompt_tokens, delta))
+                        if gone.is_set():
+                            return
+                finally:
+                    pieces.close()  # stops decoding when the reply ended on a stop string or no one reads it
+            except RequestError as err:  # the request's fault: no model failure to log
+                put(err)
+            except Exception as err:
+                log.exception("chat completion failed")
+                put(err)
+            finally:
+                put(_END)
+
+        job = self.batcher.run_on_model(work)
+        self.pending += 1
+        released = False
+
+        def release(_=None) -> None:
+            """Once, when the reply has been read or the job has ended, whichever is first: a client that
+            sends its next request on the answer must not find its own last one still counted."""
+            nonlocal released
+            if not released:
+                released = True
+                self.pending -= 1
+
+        job.add_done_callback(release)
+
+        async def read() -> AsyncIterator[tuple[int, object]]:
+            try:
+                while (item := await deltas.get()) is not _END:
+                    if isinstance(item, RequestError):
+                        raise item
+                    if isinstance(item, Exception):
+                        name = type(item).__name__
+                        raise ApiError(
+                            500, f"the model failed on this request ({name}: {item}); the server log has more"
+                        )
+                    yield item
+                    if item[1].finish_reason:  # the reply is complete: what the job does after it is its own
+                        return
+            finally:
+                gone.set()  # a job still queued returns at once when its turn comes
+                release()
+
+        return read()
+
+
+def _error_response(path: str, err: RequestError, headers: dict | None = None) -> JSONResponse:
+    """/classify's errors are {"error": "..."}; the OpenAI API's are OpenAI's {"error": {"message", ...}}."""
+    from slmkit.openai_api import error_body
+
+    body = error_body(err) if path.startswith("/v1/") else {"error": str(err)}
+    return JSONResponse(body, status_code=err.status, headers=headers)
+
+
+class ApiKeyCheck:
+    """ASGI middleware: every HTTP request but /health needs `Authorization: Bearer <key>`, else 401.
+
+    Checked before the body is read or a route is looked up. hmac.compare_digest takes as long for a key
+    that is nearly right as for one that is all wrong, so timing does not tell a caller how close it came.
+    """
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key.encode("utf-8")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        values = [v for k, v in scope["headers"] if k == b"authorization"]
+        scheme, _, token = values[0].partition(b" ") if values else (b"", b"", b"")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        from slmkit.openai_api import ApiError
+
+        why = "the API key is wrong" if values else "no API key was sent"
+        message = f"{why}: send the header `Authorization: Bearer <key>` with the key the server was started with"
+        err = ApiError(401, message, code="invalid_api_key")
+        await _error_response(scope["path"], err, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+def _sse(data: dict | str) -> str:
+    """One server-sent event. json.dumps writes no newline, so the data is one `data:` line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
 def create_app(clf: Classifier, settings: ServeSettings | None = None, model_name: str = ""):
-    """The FastAPI app serving `clf` (constrained decoding with per-label scores)."""
+    """The FastAPI app serving `clf`: /classify (constrained decoding with per-label scores), /health, and
+    OpenAI's chat completions (greedy) with the model called `model_name` ("slmkit" when empty)."""
+    from slmkit import openai_api as oai
+
     settings = settings or ServeSettings()
     max_chars = settings.max_chars or clf.data.max_chars
     max_body_bytes = settings.max_body_bytes or default_max_body_bytes(settings.max_phrases, max_chars)
     batcher = Batcher(clf, settings)
+    chats = Chats(batcher, settings.queue_size)
+    served = model_name or "slmkit"
+    started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -253,10 +423,22 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
     # schema would show none, and the pages load their scripts from a CDN. docs/serving.md is the reference.
     app = FastAPI(title="slmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
+    app.state.chats = chats
+    if settings.api_key:
+        app.add_middleware(ApiKeyCheck, key=settings.api_key)
 
     @app.exception_handler(RequestError)
     async def _request_error(request, err: RequestError):
-        return JSONResponse({"error": str(err)}, status_code=err.status)
+        return _error_response(request.url.path, err)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, err: HTTPException):
+        """FastAPI's own 404 and 405, in OpenAI's shape under /v1/ (a client reads the message there)."""
+        if not request.url.path.startswith("/v1/"):
+            return await http_exception_handler(request, err)
+        routes = "this server has GET /v1/models and POST /v1/chat/completions"
+        message = f"{request.method} {request.url.path}: {err.detail}; {routes}"
+        return _error_response(request.url.path, oai.ApiError(err.status_code, message), err.headers)
 
     @app.get("/health")
     async def health():
@@ -285,7 +467,72 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
         phrases = parse_request(await read_body(request, max_body_bytes), settings, max_chars)
         return {"results": await batcher.submit(phrases)}
 
+    @app.get("/v1/models")
+    async def models():
+        return oai.models_list(served, started)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != served:
+            message = f"the model {name!r} is not served here; this server serves {served!r}"
+            raise oai.ApiError(404, message, "model", "model_not_found")
+        return oai.model_card(served, started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = oai.parse_chat_request(await read_body(request, max_body_bytes), served, settings.max_tokens, max_chars)
+        cid = oai.completion_id()
+        deltas = chats.start(req, settings.max_tokens)
+        if not req.stream:
+            parts = [item async for item in deltas]
+            prompt_tokens, last = parts[-1]
+            content = "".join(delta.text for _, delta in parts)
+            return oai.completion(cid, served, content, last.finish_reason, prompt_tokens, last.tokens)
+        # The first delta before the first byte: until then a refusal or a model failure is still a status.
+        prompt_tokens, first = await anext(deltas)
+        return StreamingResponse(
+            _chunks(cid, served, first, prompt_tokens, deltas, req.include_usage),
+            media_type="text/event-stream",
+            # No caching; X-Accel-Buffering: a proxy such as nginx passes each event on as it comes.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     return app
+
+
+async def _chunks(cid: str, model: str, first, prompt_tokens: int, deltas, include_usage: bool) -> AsyncIterator[str]:
+    """The server-sent events of a streamed chat completion: the role, a chunk per new piece of text, the
+    finish reason, the token counts when asked (stream_options.include_usage), then `data: [DONE]`.
+
+    Starlette's StreamingResponse sends them, not sse-starlette: each event is one JSON line (no framing
+    to get wrong), and with uvicorn (ASGI 2.3) Starlette already cancels a stream whose client has gone.
+    sse-starlette would add keep-alive comments, but patches uvicorn's exit handler on import and cuts
+    open streams at shutdown, where uvicorn otherwise lets these short, bounded replies finish.
+    """
+    from slmkit import openai_api as oai
+
+    created = int(time.time())
+    extra = {"usage": None} if include_usage else {}
+    yield _sse({**oai.chunk(cid, created, model, {"role": "assistant", "content": ""}), **extra})
+    delta = first
+    try:
+        while True:
+            if delta.text:
+                yield _sse({**oai.chunk(cid, created, model, {"content": delta.text}), **extra})
+            if delta.finish_reason:
+                break
+            _, delta = await anext(deltas)
+    except RequestError as err:  # the model failed after the answer began: its status is sent, so say it here
+        yield _sse(oai.error_body(err))
+        return
+    finally:
+        await deltas.aclose()
+    yield _sse({**oai.chunk(cid, created, model, {}, delta.finish_reason), **extra})
+    if include_usage:
+        yield _sse(
+            {**oai.chunk(cid, created, model, {}), "choices": [], "usage": oai.usage(prompt_tokens, delta.tokens)}
+        )
+    yield _sse("[DONE]")
 
 
 class Server:
@@ -322,5 +569,13 @@ def serve(clf: Classifier, settings: ServeSettings, host: str, port: int, model_
     """Run the API in the foreground until Ctrl-C."""
     import uvicorn
 
-    log.info("serving %s on http://%s:%d (POST /classify, GET /health)", model_name, host, port)
+    # Says whether a key is required, never the key.
+    auth = "an API key required" if settings.api_key else "no API key"
+    log.info(
+        "serving %s on http://%s:%d (POST /classify, GET /health, /v1/chat/completions, /v1/models; %s)",
+        model_name,
+        host,
+        port,
+        auth,
+    )
     uvicorn.run(create_app(clf, settings, model_name), host=host, port=port, log_level="info")
