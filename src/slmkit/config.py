@@ -49,7 +49,9 @@ class DataConfig:
     path: str = MISSING  # any JSON-lines file; relative paths are relative to the repo root
     text_column: str = "phrase"
     label_column: str = "tone"
-    labels: list[str] = MISSING  # the configured spelling; input labels match case-insensitively
+    # The configured spelling; input labels match case-insensitively. Empty: a generative task (data=qa), the
+    # label column holds free-text answers, scored by exact match, token F1 and ROUGE-L.
+    labels: list[str] = MISSING
     # Training text = template with {text} and {label} filled in, then the tokenizer's EOS.
     # Everything before {label} is the prompt; {label} must be the last placeholder.
     template: str = MISSING
@@ -57,6 +59,13 @@ class DataConfig:
     on_too_long: str = "refuse"  # refuse | truncate (cut to max_chars; `prepare` reports how many)
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    # Generative data: the most tokens an answer may take (evaluation, `slmkit generate`, the server's default).
+    answer_tokens: int = 64
+
+
+def is_generative(data: DataConfig) -> bool:
+    """Free-text answers (no label set) rather than a choice among labels."""
+    return not data.labels
 
 
 @dataclass
@@ -189,8 +198,11 @@ def _check_choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
 def check_values(cfg: Config) -> None:
     """Range and combination checks that the type schema cannot express."""
     d = cfg.data
-    _check(bool(d.labels), "data.labels", "the label set is empty; list at least two labels")
-    _check(len(d.labels) >= 2, "data.labels", "a classifier needs at least two labels")
+    _check(
+        len(d.labels) != 1,
+        "data.labels",
+        "a classifier needs at least two labels (or none, [], for free-text answers: data=qa)",
+    )
     folded = [label.strip().casefold() for label in d.labels]
     _check(len(set(folded)) == len(folded), "data.labels", f"labels repeat (case-insensitively): {d.labels}")
     _check(all(label.strip() for label in d.labels), "data.labels", "a label is empty")
@@ -201,7 +213,15 @@ def check_values(cfg: Config) -> None:
         "data.template",
         "{label} must come after {text}: the model reads the text, then writes the label",
     )
+    if is_generative(d):
+        _check(
+            bool(d.template.split("{label}", 1)[1].strip()),
+            "data.template",
+            "free-text answers need an end-of-turn marker after {label} (e.g. <|im_end|>, or data.template="
+            "${model.chat_template}): the model learns to write it, and generation stops there",
+        )
     _check(d.max_chars > 0, "data.max_chars", "must be > 0")
+    _check(d.answer_tokens > 0, "data.answer_tokens", "must be > 0")
     _check_choice(d.on_too_long, "data.on_too_long", TOO_LONG_POLICIES)
     for key, value in (("val_fraction", d.val_fraction), ("test_fraction", d.test_fraction)):
         _check(0 < value < 1, f"data.{key}", f"must be in (0, 1), got {value}")

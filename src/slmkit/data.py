@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 
-from slmkit.config import DataConfig
+from slmkit.config import DataConfig, is_generative
 from slmkit.prompt import normalize_label
 
 SPLITS = ("train", "val", "test")
@@ -92,7 +92,14 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
                 f"{where}: '{data.text_column}' has {len(text)} characters, over data.max_chars={data.max_chars}; "
                 "shorten it, raise data.max_chars, or set data.on_too_long=truncate"
             )
-        label = normalize_label(data, label_raw)
+        if is_generative(data):
+            # An answer keeps its own lines (a free-text answer may have several); the template's end-of-turn
+            # marker, not a newline, ends it.
+            label = label_raw.strip()
+            if not label:
+                raise DataError(f"{where}: '{data.label_column}' is empty; write the answer or remove the line")
+        else:
+            label = normalize_label(data, label_raw)
         if label is None:
             folded = {label.casefold(): label for label in data.labels}
             close = get_close_matches(label_raw.strip().casefold(), list(folded), n=1, cutoff=0.6)
@@ -106,9 +113,10 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
             first = seen[key]
             if first.label != label:
                 cut = " (after truncating to data.max_chars)" if truncated or first.truncated else ""
+                kind = "answer" if is_generative(data) else "label"
                 raise DataError(
-                    f"{where}: phrase also appears at line {first.line}{cut} with label '{first.label}', here "
-                    f"'{label}'; keep one label per phrase"
+                    f"{where}: '{data.text_column}' also appears at line {first.line}{cut} with {kind} "
+                    f"'{first.label}', here '{label}'; keep one {kind} per {data.text_column}"
                 )
             repeats += 1
             continue
@@ -124,22 +132,24 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
 
 
 def split_examples(examples: list[Example], data: DataConfig, seed: int) -> dict[str, list[Example]]:
-    """Stratified, deterministic train/val/test split (same input + seed => same split)."""
+    """Deterministic train/val/test split (same input + seed => same split), stratified by label for a
+    classifier; generative data (free-text answers) is one group."""
     by_label: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
-        by_label[ex.label].append(ex)
+        by_label["" if is_generative(data) else ex.label].append(ex)
     rng = random.Random(seed)
     out: dict[str, list[Example]] = {name: [] for name in SPLITS}
-    for label in data.labels:
+    for label in data.labels or [""]:
         group = sorted(by_label.get(label, []), key=lambda e: e.text)
         rng.shuffle(group)
         n_test = round(len(group) * data.test_fraction)
         n_val = round(len(group) * data.val_fraction)
         if n_test < 1 or n_val < 1 or len(group) - n_test - n_val < 1:
+            what = f"label {label!r}" if label else "the data"
             raise DataError(
-                f"label '{label}' has {len(group)} example(s): too few to put at least one in each of train, val "
+                f"{what} has {len(group)} example(s): too few to put at least one in each of train, val "
                 f"(data.val_fraction={data.val_fraction}) and test (data.test_fraction={data.test_fraction}); "
-                f"add examples of '{label}'"
+                f"add examples{f' of {label!r}' if label else ''}"
             )
         out["test"] += group[:n_test]
         out["val"] += group[n_test : n_test + n_val]

@@ -1,4 +1,6 @@
-"""Metrics for a classifier on the test split (accuracy, macro-F1, per class, confusion), parity, baseline."""
+"""Metrics on the test split: a classifier's (accuracy, macro-F1, per class, confusion) and a generative model's
+(exact match, token F1, ROUGE-L, held-out loss), and the floor each should clear (bag-of-words; nearest
+neighbour)."""
 
 from __future__ import annotations
 
@@ -94,3 +96,86 @@ def bag_of_words_baseline(train: list[Example], test: list[Example], seed: int, 
     model.fit([e.text for e in train], [e.label for e in train])
     pred = list(model.predict([e.text for e in test]))
     return report([e.label for e in test], pred, labels)
+
+
+# Generative models. Exact match and token F1 are SQuAD's (torchmetrics.functional.text.squad): both strings
+# lower-cased, punctuation and the articles a/an/the removed, whitespace collapsed; F1 over the remaining
+# words. ROUGE-L is torchmetrics' F-measure over the longest common subsequence of words.
+GENERATIVE_METRICS = ("exact_match", "token_f1", "rouge_l")
+
+
+def answer_scores(prediction: str, reference: str) -> dict[str, float]:
+    """One answer's exact match (0 or 1), token F1 and ROUGE-L F-measure, each in [0, 1]."""
+    from torchmetrics.functional.text import rouge_score, squad
+
+    sq = squad(
+        [{"prediction_text": prediction, "id": "0"}],
+        [{"answers": {"answer_start": [0], "text": [reference]}, "id": "0"}],
+    )
+    rouge = rouge_score(prediction, reference, rouge_keys="rougeL")["rougeL_fmeasure"]
+    return {
+        "exact_match": float(sq["exact_match"]) / 100,
+        "token_f1": float(sq["f1"]) / 100,
+        "rouge_l": float(rouge),
+    }
+
+
+def answer_report(references: list[str], predictions: list[str]) -> tuple[dict, list[dict]]:
+    """(the means over the test split, rounded to 4 places like accuracy; each answer's scores)."""
+    per = [answer_scores(p, r) for p, r in zip(predictions, references, strict=True)]
+    means = {key: round(sum(x[key] for x in per) / len(per), 4) for key in GENERATIVE_METRICS}
+    return {
+        **means,
+        "empty_rate": round(sum(not p.strip() for p in predictions) / len(predictions), 4),
+        "n": len(per),
+    }, per
+
+
+def score_answers(
+    name: str, clf: Classifier, test: list[Example], progress_every: int = 50
+) -> tuple[dict, list[dict], float]:
+    """A generative model's greedy answers to the test questions: (metrics, per-example rows, seconds each)."""
+    start = time.perf_counter()
+    done = logged = 0
+
+    def progress(n: int) -> None:
+        nonlocal done, logged
+        done += n
+        if done - logged >= progress_every or done == len(test):
+            log.info("%s: %d/%d answered", name, done, len(test))
+            logged = done
+
+    answers = clf.generate([e.text for e in test], progress=progress)
+    seconds = time.perf_counter() - start
+    metrics, per = answer_report([e.label for e in test], answers)
+    rows = [{name: a, f"{name}_exact_match": int(x["exact_match"])} for a, x in zip(answers, per, strict=True)]
+    return metrics, rows, round(seconds / len(test), 5)
+
+
+def nearest_neighbour_baseline(train: list[Example], test: list[Example]) -> tuple[dict, list[str]]:
+    """The floor for a generative model: each test question gets the answer of the most similar training
+    question (TF-IDF over words and word pairs, cosine similarity; the first on a tie)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import linear_kernel
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    known = vectorizer.fit_transform([e.text for e in train])
+    nearest = linear_kernel(vectorizer.transform([e.text for e in test]), known).argmax(axis=1)
+    answers = [train[int(i)].label for i in nearest]
+    return answer_report([e.label for e in test], answers)[0], answers
+
+
+def heldout_loss(model, prompts: list[str], completions: list[str]) -> float:
+    """Mean cross-entropy per completion token (nats) of a PyTorch model (inference.TorchModel) on held-out
+    prompt/completion pairs, each tokenized the way training tokenizes them (prompt and completion apart)."""
+    import torch
+
+    total, count = 0.0, 0
+    for prompt, completion in zip(prompts, completions, strict=True):
+        p, c = model.encode(prompt), model.encode(completion)
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logits = model.model(input_ids=ids).logits[0, len(p) - 1 : -1]
+        total += float(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(c), reduction="sum"))
+        count += len(c)
+    return round(total / count, 4)

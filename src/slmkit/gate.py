@@ -1,9 +1,9 @@
 """The parity gate's verdict: what `evaluate` decided about the built model, and the check before it is used.
 
-The evaluate stage writes artifacts/evaluate/gate.json: the built model's accuracy against the merged
-model's, the tolerance, the verdict and the sha256 of the model folder it judged. `slmkit classify|serve|
-chat`, `slmkit.load()` and `make push` read it before they use a model the quantize stage built: a model
-the gate refused, one it never judged (evaluate not run, or run on another build) and one judged by a gate
+The evaluate stage writes artifacts/evaluate/gate.json: the built model's score (a classifier's accuracy, a
+generative model's exact match) against the merged model's, the tolerance, the verdict and the sha256 of the
+model folder it judged. `slmkit classify|serve|chat`, `slmkit.load()` and `make push` read it before they use
+a model the quantize stage built: a model the gate refused, one it never judged (evaluate not run, or run on another build) and one judged by a gate
 loosened past MAX_TOLERANCE are not used unless the caller says so (`--ungated`, `ungated=True`).
 Folders the pipeline did not build (a copy elsewhere, a test model) carry no verdict and are not checked.
 """
@@ -35,19 +35,23 @@ def fingerprint(folder: Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def verdict(model: str, accuracy: float, reference: str, reference_accuracy: float, tolerance: float) -> dict:
-    """The gate's record for a built model: `model` (e.g. int4_onnx) against `reference` (merged_pytorch).
+def verdict(
+    model: str, score: float, reference: str, reference_score: float, tolerance: float, metric: str = "accuracy"
+) -> dict:
+    """The gate's record for a built model: `model` (e.g. int4_onnx) against `reference` (merged_pytorch), on
+    `metric` (accuracy, or exact_match for a generative model), both in [0, 1].
 
     The evaluate stage adds `model_sha256` (fingerprint of the folder it judged) before writing it."""
-    gap = reference_accuracy - accuracy
+    gap = reference_score - score
     within = gap <= tolerance + 1e-9
     status = REFUSED if not within else LOOSE if tolerance > MAX_TOLERANCE + 1e-9 else PASSED
     return {
         "verdict": status,
+        "metric": metric,
         "model": model,
-        "accuracy": accuracy,
+        metric: score,
         "reference": reference,
-        "reference_accuracy": reference_accuracy,
+        f"reference_{metric}": reference_score,
         "gap": round(gap, 6),
         "tolerance": tolerance,
         "max_tolerance": MAX_TOLERANCE,
@@ -56,9 +60,11 @@ def verdict(model: str, accuracy: float, reference: str, reference_accuracy: flo
 
 def describe(record: dict) -> str:
     """One line: the verdict and its figures."""
+    metric = record.get("metric", "accuracy")  # verdicts written before generative models had no `metric`
     figures = (
-        f"{record['model']} {record['accuracy']:.4f} vs {record['reference']} {record['reference_accuracy']:.4f}, "
-        f"{100 * record['gap']:.1f} points below, tolerance {100 * record['tolerance']:.1f} points"
+        f"{record['model']} {record[metric]:.4f} vs {record['reference']} {record[f'reference_{metric}']:.4f} "
+        f"{metric.replace('_', ' ')}, {100 * record['gap']:.1f} points below, tolerance "
+        f"{100 * record['tolerance']:.1f} points"
     )
     if record["verdict"] == LOOSE:
         return (

@@ -1,4 +1,4 @@
-"""Load a fine-tuned model (int4 ONNX via onnxruntime-genai, or a PyTorch folder) and classify or generate."""
+"""Load a fine-tuned model (int4 ONNX via onnxruntime-genai, or a PyTorch folder) and classify or answer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from slmkit.config import DECODINGS, DataConfig
+from slmkit.config import DECODINGS, DataConfig, is_generative
 from slmkit.prompt import build_prompt, label_suffix, parse_output, stop_marker
 
 # Written into every model folder the pipeline ships, so a folder is usable on its own.
@@ -26,13 +26,17 @@ DEFAULT_BATCH_SIZE = 16
 @dataclass
 class Prediction:
     text: str
-    label: str | None  # None: the model's output was not one of the labels
+    # A classifier's label, None when the output was not one of the labels; a generative model's answer (the
+    # text before the template's end-of-turn marker, stripped).
+    label: str | None
     output: str  # raw generated text
 
 
 def save_prompt_config(data: DataConfig, model_dir: Path) -> None:
     # max_chars: the longest phrase the model was trained for; `slmkit serve` refuses longer ones.
     spec = {"template": data.template, "labels": list(data.labels), "max_chars": data.max_chars}
+    if is_generative(data):  # a classifier's folder keeps the keys (and bytes) it always had
+        spec["answer_tokens"] = data.answer_tokens
     (model_dir / PROMPT_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
 
@@ -47,6 +51,8 @@ def load_prompt_config(model_dir: Path) -> DataConfig:
     data = DataConfig(path="", labels=spec["labels"], template=spec["template"])
     if "max_chars" in spec:  # folders written before it was recorded keep the default
         data.max_chars = int(spec["max_chars"])
+    if "answer_tokens" in spec:
+        data.answer_tokens = int(spec["answer_tokens"])
     return data
 
 
@@ -355,7 +361,8 @@ class TorchModel:
 
 
 class Classifier:
-    """A model plus the prompt it was trained with."""
+    """A model plus the prompt it was trained with: a classifier (data.labels) or a generative model (no labels:
+    `generate` answers in free text, greedy, up to data.answer_tokens tokens)."""
 
     def __init__(
         self,
@@ -369,8 +376,10 @@ class Classifier:
             raise ValueError(f"decoding {decoding!r}: use one of {', '.join(DECODINGS)}")
         self.model = model
         self.data = data
-        self.max_new_tokens = max_new_tokens
-        self.decoding = decoding
+        self.generative = is_generative(data)
+        # A generative model writes free text: stop decoding (constrained has no label set to choose from).
+        self.max_new_tokens = data.answer_tokens if self.generative else max_new_tokens
+        self.decoding = "stop" if self.generative else decoding
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: must be >= 1")
         self.batch_size = batch_size
@@ -383,7 +392,7 @@ class Classifier:
         Texts go through the model `batch_size` at a time (the classifier's by default; 1 = one at a time,
         the reference path the batched one must match). `progress(n)` is called after each batch of n.
         """
-        decoding = decoding or self.decoding
+        decoding = "stop" if self.generative else decoding or self.decoding
         size = batch_size or self.batch_size
         prompts = [build_prompt(self.data, t) for t in texts]
         preds: list[Prediction | None] = [None] * len(texts)
@@ -395,6 +404,14 @@ class Classifier:
             if progress:
                 progress(len(batch))
         return preds  # type: ignore[return-value]
+
+    def generate(self, questions: list[str], batch_size: int | None = None, progress=None) -> list[str]:
+        """A generative model's greedy answer to each question (batched like `classify`)."""
+        if not self.generative:
+            raise ValueError(
+                f"this model is a classifier ({', '.join(self.data.labels)}): use classify(), or chat() for free text"
+            )
+        return [p.label or "" for p in self.classify(questions, batch_size=batch_size, progress=progress)]
 
     def batches(self, prompts: list[str], size: int | None = None) -> list[list[int]]:
         """Indices of `prompts`, at most `size` a batch: prompts of similar token lengths together (less

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slmkit.config import DataConfig
+from slmkit.config import DataConfig, is_generative
 
 
 def _split(template: str) -> tuple[str, str]:
@@ -56,7 +56,10 @@ def normalize_label(data: DataConfig, value: str) -> str | None:
 
 
 def parse_output(data: DataConfig, generated: str) -> str | None:
-    """Read the label out of generated text; None when the output is not a valid label."""
+    """Read the label out of generated text; None when the output is not a valid label. Generative data: the
+    answer, all the text before the end-of-turn marker, stripped (its own lines kept)."""
     before = generated.split(stop_marker(data), 1)[0]
+    if is_generative(data):
+        return before.strip()
     lines = [line for line in before.splitlines() if line.strip()]
     return normalize_label(data, lines[0]) if lines else None
