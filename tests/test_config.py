@@ -153,7 +153,7 @@ def test_compose_and_validate_are_fast(cfg: Config):
         (["lora.r=abc"], "lora.r"),
         (["lora.r=0"], "lora.r"),
         (["lora.dropout=1.0"], "lora.dropout"),
-        (["data.labels=[]"], "data.labels"),
+        (["data.labels=[Joy]"], "data.labels"),
         (["data.val_fraction=0.5", "data.test_fraction=0.5"], "val_fraction"),
         (["builder=fp16_cuda", "builder.execution_provider=cpu"], "builder"),
         (["builder=fp32_cpu", "builder.int4_block_size=32"], "builder.int4_block_size"),
@@ -232,7 +232,7 @@ def test_fp16_on_cuda_is_allowed():
         ("train", "learning_rte", 0.1, "train.learning_rte"),
         ("lora", "r", "abc", "lora.r"),
         ("lora", "r", 0, "lora.r"),
-        ("data", "labels", [], "data.labels"),
+        ("data", "labels", ["Joy"], "data.labels"),  # [] is valid: free-text answers
         ("data", "template", "{text} without a label", "data.template"),
         ("data", "template", "{label} before {text}", "data.template"),
         ("data", "template", "no placeholders {label}", "data.template"),

@@ -181,8 +181,11 @@ def test_objective_follows_the_builder_precision():
     for builder, metrics, expected in (("int4_cpu", int4, 0.61), ("fp32_cpu", fp32, 0.64)):
         key = sweep.onnx_metrics_key(compose([f"builder={builder}"]).builder.precision)
         assert sweep.objective(metrics, key) == expected
-    with pytest.raises(StageError, match=r"no int4_onnx\.accuracy \(models: fp32_onnx, merged_pytorch\)"):
+    with pytest.raises(StageError, match=r"no int4_onnx\.accuracy/exact_match \(models: fp32_onnx, merged_pytorch\)"):
         sweep.objective(fp32, "int4_onnx")
+    # A generative job's objective is its built model's exact match (the metric the gate judges).
+    answers = {"int4_onnx": {"exact_match": 0.55, "token_f1": 0.7}, "merged_pytorch": {"exact_match": 0.56}}
+    assert sweep.objective(answers, "int4_onnx") == 0.55
 
 
 def test_summary_of_a_sweep_over_builders_ranks_each_job_by_its_own_model(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""`slmkit classify|chat|serve|summary|lineage`: use the fine-tuned model from the command line."""
+"""`slmkit classify|generate|chat|serve|gate|summary|lineage`: use the fine-tuned model from the command line."""
 
 from __future__ import annotations
 
@@ -92,20 +92,40 @@ def _load(args: argparse.Namespace, command: str):
     return None
 
 
-def _classify(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def _inputs(args: argparse.Namespace, command: str) -> list[str] | int:
+    """The phrases or questions to run on, or the exit code after saying why there are none."""
     try:
         texts = _read_phrases(args)
     except (OSError, ValueError) as err:
-        print(f"slmkit classify: error: {err}", file=sys.stderr)
+        print(f"slmkit {command}: error: {err}", file=sys.stderr)
         return 2
     if not texts:
-        print("slmkit classify: give phrases as arguments, with --file, or on stdin", file=sys.stderr)
+        print(f"slmkit {command}: give {args.what} as arguments, with --file, or on stdin", file=sys.stderr)
         return 2
+    return texts
+
+
+def _kind_error(clf, command: str) -> str | None:
+    """Why this model cannot do `command` (a classifier cannot answer questions, nor the reverse)."""
+    if command == "classify" and clf.generative:
+        return "this model answers questions in free text (no label set): use `slmkit generate`"
+    if command == "generate" and not clf.generative:
+        return f"this model is a classifier ({', '.join(clf.data.labels)}): use `slmkit classify`"
+    return None
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    texts = _inputs(args, "classify")
+    if isinstance(texts, int):
+        return texts
     clf = _load(args, "classify")
     if clf is None:
         return 1
+    if error := _kind_error(clf, "classify"):
+        print(f"slmkit classify: error: {error}", file=sys.stderr)
+        return 2
     # Printed a chunk at a time, in input order: a chunk is large enough for the classifier to fill its
     # batches with phrases of one token length. The bar goes to stderr (results stay clean on stdout) and
     # only for files and stdin, on a terminal.
@@ -117,6 +137,32 @@ def _classify(args: argparse.Namespace) -> int:
                     print(json.dumps(row, ensure_ascii=False), flush=True)
                 else:
                     print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}", flush=True)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Greedy answers, in input order: one line each (its own lines joined by spaces), or JSON lines."""
+    from tqdm import tqdm
+
+    texts = _inputs(args, "generate")
+    if isinstance(texts, int):
+        return texts
+    clf = _load(args, "generate")
+    if clf is None:
+        return 1
+    if error := _kind_error(clf, "generate"):
+        print(f"slmkit generate: error: {error}", file=sys.stderr)
+        return 2
+    if args.max_new_tokens:
+        clf.max_new_tokens = args.max_new_tokens
+    with tqdm(total=len(texts), desc="generate", unit="question", disable=None if not args.text else True) as bar:
+        for start in range(0, len(texts), PRINT_CHUNK):
+            chunk = texts[start : start + PRINT_CHUNK]
+            for question, answer in zip(chunk, clf.generate(chunk, progress=bar.update), strict=True):
+                if args.json:
+                    print(json.dumps({"question": question, "answer": answer}, ensure_ascii=False), flush=True)
+                else:
+                    print(" ".join(answer.split()), flush=True)
     return 0
 
 
@@ -257,7 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
     )
-    p.set_defaults(func=_classify)
+    p.set_defaults(func=_classify, what="phrases")
+    gen = sub.add_parser("generate", help="answer questions with a fine-tuned generative model (data=qa)")
+    gen.add_argument("text", nargs="*", help="question(s); else --file, else stdin (one per line)")
+    gen.add_argument("--file", type=Path, help="questions, one per line: plain text or JSON lines")
+    gen.add_argument("--text-key", help="JSON lines: the field holding the question (default: the first text field)")
+    gen.add_argument("--model", default="int4", help=models)
+    gen.add_argument("--ungated", action="store_true", help=UNGATED)
+    gen.add_argument(
+        "--max-new-tokens", type=_positive, help="longest answer (default: the model's data.answer_tokens)"
+    )
+    gen.add_argument("--json", action="store_true", help='one {"question", "answer"} object per question')
+    gen.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="questions per forward pass (%(default)s)"
+    )
+    gen.add_argument(
+        "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
+    )
+    gen.set_defaults(func=_generate, what="questions")
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
     c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
     c.add_argument("--model", default="int4", help=models)

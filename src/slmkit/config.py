@@ -47,8 +47,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str = MISSING  # any JSON-lines file; relative paths are relative to the repo root
-    text_column: str = "phrase"
-    label_column: str = "tone"
+    text_column: str = MISSING  # the phrase (a question for generative data)
+    label_column: str = MISSING  # its label (the answer)
     # The configured spelling; input labels match case-insensitively. Empty: a generative task (data=qa), the
     # label column holds free-text answers, scored by exact match, token F1 and ROUGE-L.
     labels: list[str] = MISSING
@@ -60,7 +60,7 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     # Generative data: the most tokens an answer may take (evaluation, `slmkit generate`, the server's default).
-    answer_tokens: int = 64
+    answer_tokens: int = 32
 
 
 def is_generative(data: DataConfig) -> bool:

@@ -2,9 +2,10 @@
 
 The evaluate stage writes artifacts/evaluate/gate.json: the built model's score (a classifier's accuracy, a
 generative model's exact match) against the merged model's, the tolerance, the verdict and the sha256 of the
-model folder it judged. `slmkit classify|serve|chat`, `slmkit.load()` and `make push` read it before they use
-a model the quantize stage built: a model the gate refused, one it never judged (evaluate not run, or run on another build) and one judged by a gate
-loosened past MAX_TOLERANCE are not used unless the caller says so (`--ungated`, `ungated=True`).
+model folder it judged. `slmkit classify|generate|serve|chat`, `slmkit.load()` and `make push` read it before
+they use a model the quantize stage built: a model the gate refused, one it never judged (evaluate not run,
+or run on another build) and one judged by a gate loosened past MAX_TOLERANCE are not used unless the
+caller says so (`--ungated`, `ungated=True`).
 Folders the pipeline did not build (a copy elsewhere, a test model) carry no verdict and are not checked.
 """
 

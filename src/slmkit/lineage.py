@@ -223,10 +223,16 @@ def model_card(cfg: Config, base: dict, manifest: dict, final_loss: dict, rec: d
     locks = ", ".join(f"`{name}` `{sha[:12]}`" for name, sha in rec["lock_sha256"].items()) or "none"
     # QLoRA has no module list in the config: Olive adapts every 4-bit linear layer.
     modules = ", ".join(lo.target_modules) if lo.target_modules else "every 4-bit linear layer"
-    return f"""# {m.name}: {"/".join(cfg.data.labels)} classifier ({b.precision} ONNX for onnxruntime-genai)
+    if cfg.data.labels:
+        kind, metric, writes = f"{'/'.join(cfg.data.labels)} classifier", "accuracy", "the label"
+        usage = 'slmkit.load("path/to/this/folder").classify(["I can\'t stop smiling"])[0].label'
+    else:
+        kind, metric, writes = "question answering model", "exact match", "the answer"
+        usage = 'slmkit.load("path/to/this/folder").generate(["What is the capital of France?"])[0]'
+    return f"""# {m.name}: {kind} ({b.precision} ONNX for onnxruntime-genai)
 
 Made by slmkit. Test metrics: `metrics/eval.json`; full lineage: `make lineage` / `lineage.json`.
-Ships only once the parity gate passed it (its {b.precision} test accuracy within `evaluate.parity_tolerance`
+Ships only once the parity gate passed it (its {b.precision} test {metric} within `evaluate.parity_tolerance`
 of the merged model's): the verdict is `artifacts/evaluate/gate.json`, and `slmkit gate` prints it.
 The git commit and build time are not in this folder, so that a rebuild writing the same weights is
 byte-identical: `make lineage` shows them (from `artifacts/runs/`) where the model was built.
@@ -236,13 +242,13 @@ byte-identical: `make lineage` shows them (from `artifacts/runs/`) where the mod
 | base model | {base_line} |
 | adapter | {lo.method}, r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, on {modules} |
 | training | {t.max_steps} steps, batch {t.batch_size}, learning rate {t.learning_rate}, seed {cfg.seed} |
-| final loss | train {final_loss.get("loss")}, validation {final_loss.get("eval_loss")} (label + EOS) |
+| final loss | train {final_loss.get("loss")}, validation {final_loss.get("eval_loss")} ({writes[4:]} + EOS) |
 | data | `{manifest["source"]["path"]}` sha256 `{manifest["source"]["sha256"]}`; {splits} |
 | build | Olive ModelBuilder, {precision}, execution provider {b.execution_provider} |
 | inputs | config sha256 `{rec["config_sha256"]}`; lock files {locks} |
 | versions | olive-ai {pk.get("olive-ai")}, onnxruntime-genai {pk.get("onnxruntime-genai")}, torch {pk.get("torch")} |
 
-Prompt (the label is what the model writes; `slmkit_prompt.json` holds it for slmkit):
+Prompt ({writes} is what the model writes; `slmkit_prompt.json` holds it for slmkit):
 
 ```
 {cfg.data.template}
@@ -250,6 +256,6 @@ Prompt (the label is what the model writes; `slmkit_prompt.json` holds it for sl
 
 ```python
 import slmkit
-print(slmkit.load("path/to/this/folder").classify(["I can't stop smiling"])[0].label)
+print({usage})
 ```
 """

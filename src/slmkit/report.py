@@ -116,29 +116,12 @@ font-size:.85em}img{max-width:100%}.note{color:#555;font-size:.92em}
 """
 
 
-def render(
-    *,
-    title: str,
-    eval_metrics: dict,
-    eval_seconds: dict[str, float],
-    loss_csv: Path | None,
-    lineage_text: str,
-    params_text: str,
-    bench: dict | None,
-    sizes_mb: dict[str, float],
-    parity_tolerance: float,
-) -> tuple[str, dict[str, bytes]]:
-    """The report page and its figures (name -> PNG bytes, also embedded in the page).
-
-    eval_seconds: each model's seconds per test phrase in the last evaluate run (its decoding)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def classifier_parts(eval_metrics: dict, eval_seconds: dict, parity_tolerance: float, figures: dict) -> list[str]:
+    """A classifier's sections: headline, metrics, decodings, per class, confusion matrices."""
     import matplotlib.pyplot as plt
 
     models = {k: v for k, v in eval_metrics.items() if isinstance(v, dict) and "confusion" in v}
-    figures: dict[str, bytes] = {}
-    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts: list[str] = []
     quantized = next((n for n in models if n.endswith("_onnx")), None)
     if quantized and "merged_pytorch" in models:
         q, r = models[quantized]["accuracy"], models["merged_pytorch"]["accuracy"]
@@ -190,6 +173,88 @@ def render(
     plt.close(fig)
     parts.append("<h2>Confusion matrices</h2>" + _img(figures["confusion.png"], "confusion matrices"))
 
+    return parts
+
+
+# Rows of the generative report's table of answers: the ones a model got wrong or the models disagree on.
+MAX_SHOWN_ANSWERS = 30
+
+
+def answer_parts(eval_metrics: dict, eval_seconds: dict, predictions: list[dict], parity_tolerance: float) -> list[str]:
+    """A generative model's sections: headline, exact match / token F1 / ROUGE-L per model against the
+    nearest-neighbour floor, and the test questions some model got wrong or the models answered differently."""
+    models = {k: v for k, v in eval_metrics.items() if isinstance(v, dict) and "exact_match" in v}
+    parts: list[str] = []
+    quantized = next((n for n in models if n.endswith("_onnx")), None)
+    gate = eval_metrics.get("gate", {})
+    if quantized and "merged_pytorch" in models:
+        q, r = models[quantized]["exact_match"], models["merged_pytorch"]["exact_match"]
+        parts.append(
+            f"<p><b>{html.escape(quantized)}</b> (artifacts/quantize/model): exact match <b>{q:.4f}</b>, merged "
+            f"PyTorch model {r:.4f} ({100 * (q - r):+.1f} points); parity gate "
+            f"<b>{html.escape(str(gate.get('verdict', '?')))}</b> (tolerance {100 * parity_tolerance:.1f} points).</p>"
+        )
+    parts.append("<h2>Test metrics</h2>")
+    rows = [
+        [
+            name,
+            f"{m['exact_match']:.4f}",
+            f"{m['token_f1']:.4f}",
+            f"{m['rouge_l']:.4f}",
+            f"{m['heldout_loss']:.4f}" if "heldout_loss" in m else "",
+            _pct(m["empty_rate"]),
+            m["n"],
+            f"{1000 * eval_seconds[name]:.1f}" if name in eval_seconds else "",
+        ]
+        for name, m in models.items()
+    ]
+    header = ["model", "exact match", "token F1", "ROUGE-L", "held-out loss", "empty answers", "n", "ms / question"]
+    parts.append(_table(header, rows))
+    parts.append(
+        '<p class="note">Exact match and token F1 after SQuAD normalisation (lower case, no punctuation, no '
+        "a/an/the); nearest_neighbour answers each question with the answer of the most similar training "
+        "question; held-out loss: nats per answer token.</p>"
+    )
+    names = [n for n in models if n in (predictions[0] if predictions else {})]
+    shown = [
+        r for r in predictions if any(not r.get(f"{n}_exact_match", 1) for n in names) or len({r[n] for n in names}) > 1
+    ]
+    parts.append(
+        f"<h2>Answers some model got wrong or the models disagree on ({len(shown)} of {len(predictions)})</h2>"
+    )
+    rows = [[r["question"], r["reference"]] + [r[n] for n in names] for r in shown[:MAX_SHOWN_ANSWERS]]
+    parts.append(_table(["question", "reference", *names], rows))
+    return parts
+
+
+def render(
+    *,
+    title: str,
+    eval_metrics: dict,
+    eval_seconds: dict[str, float],
+    loss_csv: Path | None,
+    lineage_text: str,
+    params_text: str,
+    bench: dict | None,
+    sizes_mb: dict[str, float],
+    parity_tolerance: float,
+    predictions: list[dict] | None = None,
+) -> tuple[str, dict[str, bytes]]:
+    """The report page and its figures (name -> PNG bytes, also embedded in the page).
+
+    eval_seconds: each model's seconds per test phrase in the last evaluate run (its decoding).
+    predictions: artifacts/evaluate/predictions.jsonl's rows (a generative run shows the answers it got wrong)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: dict[str, bytes] = {}
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if "exact_match" in eval_metrics.get("merged_pytorch", {}):
+        parts += answer_parts(eval_metrics, eval_seconds, predictions or [], parity_tolerance)
+    else:
+        parts += classifier_parts(eval_metrics, eval_seconds, parity_tolerance, figures)
     if loss_csv and loss_csv.exists():
         fig = loss_figure(loss_csv)
         figures["loss.png"] = _png(fig)

@@ -411,10 +411,16 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
     served = model_name or "slmkit"
     started = int(time.time())
 
+    def warm_up() -> None:
+        if clf.generative:
+            clf.model.generate(build_prompt(clf.data, "warm-up"), 1)
+        else:
+            batcher.classify(["warm-up"])
+
     @asynccontextmanager
     async def lifespan(app):
         # One phrase through the model before the first request, so it does not pay the warm-up.
-        await asyncio.get_running_loop().run_in_executor(None, batcher.classify, ["warm-up"])
+        await asyncio.get_running_loop().run_in_executor(None, warm_up)
         await batcher.start()
         yield
         await batcher.stop()
@@ -447,6 +453,7 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
             "status": "ok" if failure is None else "error",
             "model": model_name,
             "backend": clf.model.kind,
+            "task": "generate" if clf.generative else "classify",
             "labels": list(clf.data.labels),
             "queued": batcher.queue.qsize() if batcher.queue else 0,
             "in_flight": batcher.in_flight,
@@ -464,6 +471,10 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
 
     @app.post("/classify")
     async def classify(request: Request):
+        if clf.generative:
+            raise RequestError(
+                404, "this model answers questions in free text (no label set): POST /v1/chat/completions"
+            )
         phrases = parse_request(await read_body(request, max_body_bytes), settings, max_chars)
         return {"results": await batcher.submit(phrases)}
 

@@ -33,8 +33,14 @@ log = logging.getLogger("slmkit.sweep")
 
 RESULT_FILE = "result.json"
 # The figure a sweep optimises and ranks by: this metric of the ONNX model the job's builder made
-# (metrics/eval.json's `int4_onnx`, `fp32_onnx`, ...: a sweep may range over builders).
-OBJECTIVE_METRIC = "accuracy"
+# (metrics/eval.json's `int4_onnx`, `fp32_onnx`, ...: a sweep may range over builders): a classifier's
+# accuracy, a generative model's exact match (the one the parity gate judges).
+OBJECTIVE_METRICS = ("accuracy", "exact_match")
+
+
+def primary(model_metrics: dict[str, Any]) -> str:
+    """The objective metric a model's metrics carry (accuracy for a classifier, exact_match for answers)."""
+    return next((k for k in OBJECTIVE_METRICS if k in model_metrics), OBJECTIVE_METRICS[0])
 STAGE_LINE = re.compile(r"Stage '([\w-]+)' didn't change, skipping|Running stage '([\w-]+)'")
 
 
@@ -154,13 +160,16 @@ def run_job(
 
 
 def objective(metrics: dict[str, Any], key: str, source: Path | str = EVAL_JSON) -> float:
-    """The job's objective: the accuracy of the ONNX model its builder made (`key`, e.g. fp32_onnx)."""
+    """The job's objective: the accuracy (or exact match) of the ONNX model its builder made (`key`, e.g.
+    fp32_onnx)."""
     try:
-        return float(metrics[key][OBJECTIVE_METRIC])
+        return float(metrics[key][primary(metrics[key])])
     except (KeyError, TypeError):
-        models = ", ".join(k for k, v in metrics.items() if isinstance(v, dict) and OBJECTIVE_METRIC in v)
+        models = ", ".join(
+            k for k, v in metrics.items() if isinstance(v, dict) and any(m in v for m in OBJECTIVE_METRICS)
+        )
         raise StageError(
-            f"{EVAL_JSON} of this job has no {key}.{OBJECTIVE_METRIC} (models: {models or 'none'}); "
+            f"{EVAL_JSON} of this job has no {key}.{'/'.join(OBJECTIVE_METRICS)} (models: {models or 'none'}); "
             f"the evaluate stage names the built model by builder.precision: see {source}"
         ) from None
 
@@ -218,12 +227,13 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     done = [r for r in results if r.get("failed") is None]
     pick = best(results)
     lines = [
-        "| | experiment | overrides | ONNX acc | ONNX model | merged acc | gate | stages run | reused | s |",
+        "| | experiment | overrides | ONNX score | ONNX model | merged score | gate | stages run | reused | s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(done, key=lambda r: -r["objective"]):
         m = r["metrics"]
-        merged = m.get("merged_pytorch", {}).get("accuracy")
+        merged = m.get("merged_pytorch", {})
+        merged = merged.get(primary(merged))
         gate = m.get("gate") or {}
         judged = f"{gate['verdict']} ({100 * gate['gap']:+.1f} pts)" if gate else "-"
         lines.append(
