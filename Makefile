@@ -25,7 +25,7 @@ STAGES := $(shell awk '/^stages:/ {s = 1; next} /^[^ \#]/ {s = 0} s && /^  [A-Za
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify serve chat \
+.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify generate serve chat \
 	report bench bench-serve bench-train bench-overhead push pull lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
@@ -87,6 +87,10 @@ olive-config: env ## Eject: one Olive config (+ package config) for `olive run` 
 classify: env ## Label a phrase (TEXT="...") or a file (FILE=phrases.txt|.jsonl); MODEL=int4|merged|base|<folder>
 	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make classify TEXT="a phrase"  or  make classify FILE=phrases.txt'; exit 2; }
 	$(PY) -m slmkit.cli classify --model $(MODEL) $(UNGATED_FLAG) $(if $(FILE),--file "$(FILE)","$(TEXT)")
+
+generate: env ## Answer a question (TEXT="...") or a file (FILE=questions.txt|.jsonl) with a data=qa model; MODEL=...
+	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make generate TEXT="a question"  or  make generate FILE=questions.txt'; exit 2; }
+	$(PY) -m slmkit.cli generate --model $(MODEL) $(UNGATED_FLAG) $(if $(FILE),--file "$(FILE)","$(TEXT)")
 
 serve: env ## The int4 model behind an HTTP JSON API on 127.0.0.1 (POST /classify, GET /health; PORT=8000, MODEL=...)
 	$(PY) -m slmkit.cli serve --model $(MODEL) --port $(PORT) $(UNGATED_FLAG)

@@ -243,14 +243,22 @@ def _summary(args: argparse.Namespace) -> int:
         return 1
     metrics = json.loads(EVAL_JSON.read_text())
     print(f"\nModel: {DEFAULT_MODEL}/  (onnxruntime-genai folder)")
-    print(f"Test accuracy ({metrics.get('decoding', 'stop')} decoding):")
-    for name, m in metrics.items():
-        if not isinstance(m, dict) or "accuracy" not in m:
-            continue
-        extra = f"  macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""
-        print(f"  {name:<16} {m['accuracy']:.4f}{extra}")
+    if "exact_match" in metrics.get("merged_pytorch", {}):
+        print("Test answers (greedy): exact match, token F1, ROUGE-L")
+        for name, m in metrics.items():
+            if isinstance(m, dict) and "exact_match" in m:
+                print(f"  {name:<18} {m['exact_match']:.4f}  {m['token_f1']:.4f}  {m['rouge_l']:.4f}")
+        try_it = 'make generate TEXT="Ana has 3 cats and 2 dogs. How many dogs does Ana have?"'
+    else:
+        print(f"Test accuracy ({metrics.get('decoding', 'stop')} decoding):")
+        for name, m in metrics.items():
+            if not isinstance(m, dict) or "accuracy" not in m:
+                continue
+            extra = f"  macro-F1 {m['macro_f1']:.4f}" if "macro_f1" in m else ""
+            print(f"  {name:<16} {m['accuracy']:.4f}{extra}")
+        try_it = 'make classify TEXT="I can\'t stop smiling"'
     print("Details: metrics/eval.json; a page with plots: make report")
-    print('Try it: make classify TEXT="I can\'t stop smiling"')
+    print(f"Try it: {try_it}")
     return 0
 
 
