@@ -123,6 +123,13 @@ pull: env ## Download outputs and run cache from the DVC remote: `make finetune`
 # md5; `dvc update` downloads again only when the etag changed. Credentials come from the environment
 # (docs/data.md#data-in-cloud-storage), never from the command line: `dvc import-url --fs-config` would
 # write them into the committed .dvc file.
+# azure://: the storage account's name (not a secret) goes into the .dvc file (--fs-config account_name=...).
+# Without it DVC cannot even load the import (every dvc command, `make finetune` too, then fails with
+# "Authentication to Azure Blob Storage requires either account_name or connection_string") for anyone
+# whose environment has no Azure credentials. Default: AZURE_STORAGE_ACCOUNT, else the connection string's.
+AZURE_ACCOUNT ?= $(or $(AZURE_STORAGE_ACCOUNT),$(shell printf '%s' "$$AZURE_STORAGE_CONNECTION_STRING" \
+	| sed -n 's/.*AccountName=\([^;]*\).*/\1/p'))
+IMPORT_FS_CONFIG = $(if $(filter azure://%,$(URL)),--fs-config account_name=$(AZURE_ACCOUNT))
 # TO defaults to data/<the URL's file name> (a ?versionid=... query dropped).
 IMPORT_TO = $(or $(TO),data/$(notdir $(firstword $(subst ?, ,$(URL)))))
 IMPORT_URLS := azure://?*/?*|s3://?*/?*|remote://?*/?*
@@ -132,8 +139,10 @@ import-data: env ## Track a cloud file with DVC: URL=azure://<container>/<path> 
 	@case "$(URL)" in $(IMPORT_URLS)) ;; *) echo "make import-data: unsupported URL '$(URL)': use azure://<container>/<path>, s3://<bucket>/<path> \
 	or remote://<dvc remote>/<path>" >&2; exit 2 ;; esac
 	@test -n "$(notdir $(IMPORT_TO))" || { echo "make import-data: URL=$(URL) ends in /: name the local copy, TO=data/<name>" >&2; exit 2; }
+	@test -n "$(AZURE_ACCOUNT)" || case "$(URL)" in azure://*) echo "make import-data: no Azure storage account name: \
+	set AZURE_STORAGE_ACCOUNT (or AZURE_ACCOUNT=<name>); see docs/data.md#data-in-cloud-storage" >&2; exit 2 ;; esac
 	mkdir -p "$(dir $(IMPORT_TO))"
-	dvc import-url "$(URL)" "$(IMPORT_TO)"
+	dvc import-url $(strip "$(URL)" "$(IMPORT_TO)" $(IMPORT_FS_CONFIG))
 	@echo "Imported $(URL) -> $(IMPORT_TO) (commit $(IMPORT_TO).dvc and $(dir $(IMPORT_TO)).gitignore)." \
 		"Train on it: make finetune ARGS=\"data.path=$(IMPORT_TO)\"; refresh it: make update-data TO=$(IMPORT_TO)"
 

@@ -31,9 +31,15 @@ AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
-def _make_args(*args: str) -> subprocess.CompletedProcess:
+def _no_azure_env(**extra: str) -> dict[str, str]:
+    """This process's environment without Azure settings (a developer's own must not leak into a test)."""
+    return {**{k: v for k, v in _env().items() if not k.startswith("AZURE_")}, **extra}
+
+
+def _make_args(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`make` in the repo itself with the environment taken as set up (-o env): only the argument checks run."""
-    return run_group(["make", "--no-print-directory", "-o", "env", f"VENV={VENV}", *args], 60, cwd=REPO_ROOT)
+    cmd = ["make", "--no-print-directory", "-o", "env", f"VENV={VENV}", *args]
+    return run_group(cmd, 60, cwd=REPO_ROOT, env=env or _no_azure_env(AZURE_STORAGE_ACCOUNT="acct"))
 
 
 @pytest.mark.parametrize(
@@ -57,11 +63,30 @@ def test_import_data_refuses_a_missing_or_unsupported_url_before_dvc_runs(url: s
 
 def test_import_data_names_the_local_copy_after_the_url_and_update_data_targets_its_dvc_file():
     dry = _make_args("-n", "import-data", "URL=s3://bucket/some/path/tones.jsonl?versionid=3")
-    assert 'dvc import-url "s3://bucket/some/path/tones.jsonl?versionid=3" "data/tones.jsonl"' in dry.stdout
+    assert 'dvc import-url "s3://bucket/some/path/tones.jsonl?versionid=3" "data/tones.jsonl"\n' in dry.stdout
     dry = _make_args("-n", "import-data", "URL=azure://c/p/x.jsonl", "TO=data/cloud/y.jsonl")
-    assert 'dvc import-url "azure://c/p/x.jsonl" "data/cloud/y.jsonl"' in dry.stdout
+    assert '"azure://c/p/x.jsonl" "data/cloud/y.jsonl"' in dry.stdout
     for to in ("data/y.jsonl", "data/y.jsonl.dvc"):
         assert "dvc update data/y.jsonl.dvc" in _make_args("-n", "update-data", f"TO={to}").stdout
+
+
+def test_import_data_records_the_azure_account_name_and_nothing_secret():
+    conn = f"DefaultEndpointsProtocol=https;AccountName=fromconn;AccountKey={AZURITE_KEY};EndpointSuffix=x"
+    for env, account in [
+        (_no_azure_env(AZURE_STORAGE_ACCOUNT="acct"), "acct"),
+        (_no_azure_env(AZURE_STORAGE_CONNECTION_STRING=conn), "fromconn"),
+        (_no_azure_env(AZURE_STORAGE_CONNECTION_STRING=conn, AZURE_STORAGE_ACCOUNT="acct"), "acct"),
+    ]:
+        dry = _make_args("-n", "import-data", "URL=azure://c/p/x.jsonl", env=env)
+        # After the URL: --fs-config takes every word that follows it.
+        assert f'dvc import-url "azure://c/p/x.jsonl" "data/x.jsonl" --fs-config account_name={account}\n' in dry.stdout
+        assert AZURITE_KEY not in dry.stdout
+    dry = _make_args("-n", "import-data", "URL=azure://c/p/x.jsonl", "AZURE_ACCOUNT=given", env=_no_azure_env())
+    assert "--fs-config account_name=given" in dry.stdout
+    # s3:// and remote:// (the remote's own config holds its settings) record nothing.
+    assert "--fs-config" not in _make_args("-n", "import-data", "URL=s3://b/x.jsonl", env=_no_azure_env()).stdout
+    refused = _make_args("import-data", "URL=azure://c/p/x.jsonl", env=_no_azure_env())
+    assert refused.returncode == 2 and "no Azure storage account name: set AZURE_STORAGE_ACCOUNT" in refused.stderr
 
 
 def test_update_data_without_imports_says_what_to_do():
@@ -179,16 +204,21 @@ def test_import_from_azure_prepare_then_update_reruns_prepare(azurite: str, tmp_
     blob.upload_blob(first)
 
     ws = copy_repo(tmp_path / "ws")
-    env = {**_env(), "AZURE_STORAGE_CONNECTION_STRING": azurite}
+    env = _no_azure_env(AZURE_STORAGE_CONNECTION_STRING=azurite)
     make("import-data", ws, "URL=azure://corpus/tones/v/cloud.jsonl", env=env)
     rec = _dvc_file(ws)
     assert rec["deps"][0]["path"] == "azure://corpus/tones/v/cloud.jsonl"
+    assert rec["deps"][0]["fs_config"] == {"account_name": AZURITE_ACCOUNT}
     assert rec["deps"][0]["etag"] == blob.get_blob_properties().etag
     assert rec["outs"][0]["md5"] == hashlib.md5(first).hexdigest()
     assert (ws / "data/cloud.jsonl").read_bytes() == first
     # The connection string is read from the environment, never written into the workspace.
     dvc_files = [ws / "data/cloud.jsonl.dvc", *(ws / ".dvc").glob("config*")]
     assert not [p for p in dvc_files if AZURITE_KEY in p.read_text()]
+    # A teammate without Azure credentials can still run the pipeline: DVC loads the import from the
+    # account name recorded in the .dvc file (frozen: its source is only read by `dvc update`).
+    dvc = str(VENV / "bin" / "dvc")
+    run([dvc, "status"], ws, env=_no_azure_env())
 
     prepared = make("prepare", ws, "ARGS=data.path=data/cloud.jsonl", env=env)
     assert "Running stage 'prepare'" in prepared.stdout
@@ -208,8 +238,9 @@ def test_import_from_azure_prepare_then_update_reruns_prepare(azurite: str, tmp_
     assert new["deps"][0]["etag"] == blob.get_blob_properties().etag != rec["deps"][0]["etag"]
     assert new["outs"][0]["md5"] == hashlib.md5(second).hexdigest() != rec["outs"][0]["md5"]
     assert (ws / "data/cloud.jsonl").read_bytes() == second
+    assert new["deps"][0]["fs_config"] == {"account_name": AZURITE_ACCOUNT}
 
-    status = run([str(VENV / "bin" / "dvc"), "status", "prepare"], ws, env=env)
+    status = run([dvc, "status", "prepare"], ws, env=env)
     assert "modified:" in status.stdout and "data/cloud.jsonl" in status.stdout, status.stdout
     assert _ran(make("prepare", ws, env=env)) == ["Running stage 'prepare':"]
     manifest = json.loads((ws / "artifacts/prepare/manifest.json").read_text())
