@@ -246,3 +246,11 @@ def test_import_from_azure_prepare_then_update_reruns_prepare(azurite: str, tmp_
     manifest = json.loads((ws / "artifacts/prepare/manifest.json").read_text())
     assert manifest["source"]["sha256"] == hashlib.sha256(second).hexdigest()
     assert manifest["examples"] == len(second.splitlines())
+
+    # The other route: a DVC remote, its account name committed, the secret in .dvc/config.local only.
+    run([dvc, "remote", "add", "cloud", "azure://corpus/tones"], ws)
+    run([dvc, "remote", "modify", "cloud", "account_name", AZURITE_ACCOUNT], ws)
+    run([dvc, "remote", "modify", "--local", "cloud", "connection_string", azurite], ws)
+    make("import-data", ws, "URL=remote://cloud/v/cloud.jsonl", "TO=data/via-remote.jsonl", env=_no_azure_env())
+    assert (ws / "data/via-remote.jsonl").read_bytes() == second
+    assert AZURITE_KEY not in (ws / ".dvc/config").read_text() + (ws / "data/via-remote.jsonl.dvc").read_text()
