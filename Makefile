@@ -11,6 +11,9 @@ FILE ?=
 MODEL ?= int4
 PORT ?= 8000
 ARTIFACT ?=
+# make import-data URL=azure://<container>/<path> [TO=data/<name>]; make update-data [TO=data/<name>]
+URL ?=
+TO ?=
 # UNGATED=1: classify/serve/chat/push use the pipeline's model even when the parity gate did not pass it.
 UNGATED ?=
 UNGATED_FLAG := $(if $(UNGATED),--ungated)
@@ -26,7 +29,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
 .PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify generate serve chat \
-	report bench bench-serve bench-train bench-overhead push pull lineage test test-fast lint clean \
+	report bench bench-serve bench-train bench-overhead push pull import-data update-data lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -119,6 +122,40 @@ push: env ## Upload outputs and run cache to the DVC remote, once the parity gat
 
 pull: env ## Download outputs and run cache from the DVC remote: `make finetune` then trains nothing
 	dvc pull --run-cache
+
+# DVC's own cloud filesystems (dvc-azure, dvc-s3): the .dvc file records the source's etag and the content's
+# md5; `dvc update` downloads again only when the etag changed. Credentials come from the environment
+# (docs/data.md#data-in-cloud-storage), never from the command line: `dvc import-url --fs-config` would
+# write them into the committed .dvc file.
+# azure://: the storage account's name (not a secret) goes into the .dvc file (--fs-config account_name=...).
+# Without it DVC cannot even load the import (every dvc command, `make finetune` too, then fails with
+# "Authentication to Azure Blob Storage requires either account_name or connection_string") for anyone
+# whose environment has no Azure credentials. Default: AZURE_STORAGE_ACCOUNT, else the connection string's.
+AZURE_ACCOUNT ?= $(or $(AZURE_STORAGE_ACCOUNT),$(shell printf '%s' "$$AZURE_STORAGE_CONNECTION_STRING" \
+	| sed -n 's/.*AccountName=\([^;]*\).*/\1/p'))
+IMPORT_FS_CONFIG = $(if $(filter azure://%,$(URL)),--fs-config account_name=$(AZURE_ACCOUNT))
+# TO defaults to data/<the URL's file name> (a ?versionid=... query dropped).
+IMPORT_TO = $(or $(TO),data/$(notdir $(firstword $(subst ?, ,$(URL)))))
+IMPORT_URLS := azure://?*/?*|s3://?*/?*|remote://?*/?*
+
+import-data: env ## Track a cloud file with DVC: URL=azure://<container>/<path> (or s3://, remote://) [TO=data/<name>]
+	@test -n "$(URL)" || { echo 'usage: make import-data URL=azure://<container>/<path>/<file>.jsonl [TO=data/<name>.jsonl]' >&2; exit 2; }
+	@case "$(URL)" in $(IMPORT_URLS)) ;; *) echo "make import-data: unsupported URL '$(URL)': use azure://<container>/<path>, s3://<bucket>/<path> \
+	or remote://<dvc remote>/<path>" >&2; exit 2 ;; esac
+	@test -n "$(notdir $(IMPORT_TO))" || { echo "make import-data: URL=$(URL) ends in /: name the local copy, TO=data/<name>" >&2; exit 2; }
+	@test -n "$(AZURE_ACCOUNT)" || case "$(URL)" in azure://*) echo "make import-data: no Azure storage account name: \
+	set AZURE_STORAGE_ACCOUNT (or AZURE_ACCOUNT=<name>); see docs/data.md#data-in-cloud-storage" >&2; exit 2 ;; esac
+	mkdir -p "$(dir $(IMPORT_TO))"
+	dvc import-url $(strip "$(URL)" "$(IMPORT_TO)" $(IMPORT_FS_CONFIG))
+	@echo "Imported $(URL) -> $(IMPORT_TO) (commit $(IMPORT_TO).dvc and $(dir $(IMPORT_TO)).gitignore)." \
+		"Train on it: make finetune ARGS=\"data.path=$(IMPORT_TO)\"; refresh it: make update-data TO=$(IMPORT_TO)"
+
+# Without TO: every import under data/ (a .dvc file with a deps: block; `dvc add`ed files have none).
+UPDATE_TARGETS = $(if $(TO),$(patsubst %.dvc,%,$(TO)).dvc,$(shell grep -l '^deps:' data/*.dvc 2>/dev/null))
+
+update-data: env ## Download imported data again if its source changed (TO=data/<name>; default: every import in data/)
+	@test -n "$(UPDATE_TARGETS)" || { echo 'make update-data: nothing imported under data/ (make import-data URL=... first)' >&2; exit 2; }
+	dvc update $(UPDATE_TARGETS)
 
 lineage: env ## Print where the int4 model came from (or ARTIFACT=artifacts/<stage>)
 	$(PY) -m slmkit.cli lineage $(ARTIFACT)
