@@ -215,15 +215,14 @@ def answer_parts(eval_metrics: dict, eval_seconds: dict, predictions: list[dict]
         "a/an/the); nearest_neighbour answers each question with the answer of the most similar training "
         "question; held-out loss: nats per answer token.</p>"
     )
-    names = [n for n in models if n in (predictions[0] if predictions else {})]
-    shown = [
-        r for r in predictions if any(not r.get(f"{n}_exact_match", 1) for n in names) or len({r[n] for n in names}) > 1
-    ]
+    names = [n for n in models if f"{n}_exact_match" in (predictions[0] if predictions else {})]
+    shown = [r for r in predictions if any(not r[f"{n}_exact_match"] for n in names) or len({r[n] for n in names}) > 1]
     parts.append(
         f"<h2>Answers some model got wrong or the models disagree on ({len(shown)} of {len(predictions)})</h2>"
     )
-    rows = [[r["question"], r["reference"]] + [r[n] for n in names] for r in shown[:MAX_SHOWN_ANSWERS]]
-    parts.append(_table(["question", "reference", *names], rows))
+    floor = ["nearest_neighbour"] if predictions and "nearest_neighbour" in predictions[0] else []
+    rows = [[r["question"], r["reference"]] + [r[n] for n in names + floor] for r in shown[:MAX_SHOWN_ANSWERS]]
+    parts.append(_table(["question", "reference", *names, *floor], rows))
     return parts
 
 
