@@ -9,6 +9,7 @@ Standard library only and deterministic: every run gives the same bytes (checked
 
     python data/make_qa.py > data/qa.jsonl
     python data/make_qa.py --out data/qa.jsonl
+    python data/make_qa.py --chat --out data/qa_chat.jsonl   # the same pairs as conversations (data=chat)
 """
 
 from __future__ import annotations
@@ -471,15 +472,34 @@ def build_pairs(seed: int = SEED) -> list[dict[str, str]]:
     return rows
 
 
-def render(rows: list[dict[str, str]]) -> bytes:
+# The system message of every conversation in the chat-format copy.
+SYSTEM = "Answer with a word or a short phrase taken from the question."
+
+
+def conversations(rows: list[dict[str, str]]) -> list[dict[str, list[dict[str, str]]]]:
+    """The pairs in OpenAI's chat format: two questions in turn per conversation, after a system message."""
+    out = []
+    for i in range(0, len(rows), 2):
+        messages = [{"role": "system", "content": SYSTEM}]
+        for row in rows[i : i + 2]:
+            messages += [
+                {"role": "user", "content": row["Question"]},
+                {"role": "assistant", "content": row["Best Answer"]},
+            ]
+        out.append({"messages": messages})
+    return out
+
+
+def render(rows: list) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write here instead of to standard output")
+    parser.add_argument("--chat", action="store_true", help="the same pairs as two-turn conversations")
     args = parser.parse_args(argv)
-    data = render(build_pairs())
+    data = render(conversations(build_pairs()) if args.chat else build_pairs())
     if args.out:
         args.out.write_bytes(data)
     else:

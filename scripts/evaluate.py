@@ -38,7 +38,7 @@ from slmkit.evaluate import (
 )
 from slmkit.files import atomic_dir, read_json, write_json, write_text
 from slmkit.paths import CONFUSION_DIR, EVAL_JSON, onnx_metrics_key, stage_dir
-from slmkit.prompt import build_completion, build_prompt
+from slmkit.prompt import build_completion, build_conversation_prompt
 from slmkit.stage import log, main
 
 
@@ -118,7 +118,7 @@ def run_generative(cfg: Config) -> None:
             eos = clf.model.tokenizer.eos_token
             m["heldout_loss"] = heldout_loss(
                 clf.model,
-                [build_prompt(cfg.data, ex.text) for ex in test],
+                [build_conversation_prompt(cfg.data, ex.text, ex.history, ex.system) for ex in test],
                 [build_completion(cfg.data, ex.label, eos) for ex in test],
             )
         metrics[name] = m

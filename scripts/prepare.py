@@ -4,7 +4,7 @@ python scripts/prepare.py        (reads params.yaml; writes artifacts/prepare/)
 """
 
 from slmkit import lineage
-from slmkit.config import load_params
+from slmkit.config import is_generative, load_params
 from slmkit.data import SPLITS, DataError, label_counts, read_examples, sha256_file, split_examples, write_split
 from slmkit.files import atomic_dir, write_json
 from slmkit.paths import stage_dir
@@ -33,13 +33,14 @@ def run() -> None:
         }
         for name in SPLITS:
             path = out / f"{name}.jsonl"
-            write_split(path, splits[name])
+            write_split(path, splits[name], chat=cfg.data.format == "chat")
             manifest["splits"][name] = {
                 "file": path.name,
                 "sha256": sha256_file(path),
                 "count": len(splits[name]),
-                "labels": label_counts(splits[name]),
             }
+            if not is_generative(cfg.data):  # answers are free text: nothing to count
+                manifest["splits"][name]["labels"] = label_counts(splits[name])
         write_json(out / "manifest.json", manifest)
         lineage.write(out, "prepare", cfg, ("seed", "data"), manifest)
     log.info(

@@ -81,3 +81,17 @@ def test_extractive_answers_are_copied_from_the_question(rows: list[dict]):
 def test_lines_are_shuffled(rows: list[dict]):
     """Not grouped by family: the first 50 questions do not all open with the same word."""
     assert len({r["Question"].split()[0] for r in rows[:50]}) > 10
+
+
+def test_the_chat_copy_is_the_same_pairs_as_conversations(tmp_path: Path, rows: list[dict]):
+    out = tmp_path / "qa_chat.jsonl"
+    subprocess.run([sys.executable, str(GENERATOR), "--chat", "--out", str(out)], check=True, cwd=tmp_path)
+    committed = GENERATOR.parent / "qa_chat.jsonl"
+    assert out.read_bytes() == committed.read_bytes()
+    said = []
+    for line in committed.read_text(encoding="utf-8").splitlines():
+        messages = json.loads(line)["messages"]
+        assert messages[0]["role"] == "system"
+        assert [m["role"] for m in messages[1:]] in (["user", "assistant"], ["user", "assistant"] * 2)
+        said += [m["content"] for m in messages[1:]]
+    assert said == [x for r in rows for x in (r["Question"], r["Best Answer"])]

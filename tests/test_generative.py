@@ -249,3 +249,98 @@ def test_the_openai_client_streams_the_answer_slmkit_generate_writes_and_needs_t
             urllib.request.urlopen(request, timeout=30)
         assert err.value.code == 404
         assert "POST /v1/chat/completions" in err.value.read().decode()
+
+
+# --- conversations (data=chat) ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_cfg():
+    return compose(["data=chat"])
+
+
+def conv(*turns, system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for i, text in enumerate(turns):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return {"messages": messages}
+
+
+def test_conversations_are_read_with_their_turns_and_system_message(tmp_path, chat_cfg):
+    path = write(tmp_path, [conv("Hi?", "Hello.", "Who?", "Ana", system="Be brief."), conv("Q?", "A")])
+    examples, repeats = read_examples(path, chat_cfg.data)
+    first, second = examples
+    assert (first.text, first.label, first.history, first.system) == ("Who?", "Ana", (("Hi?", "Hello."),), "Be brief.")
+    assert (second.text, second.label, second.history, second.system) == ("Q?", "A", (), None)
+    assert first.messages() == conv("Hi?", "Hello.", "Who?", "Ana", system="Be brief.")["messages"]
+    assert repeats == 0
+
+
+@pytest.mark.parametrize(
+    ("row", "says"),
+    [
+        (conv("Hi?", "Hello.", "Who?"), r":1: the conversation must end with an assistant message"),
+        (conv("Hi?"), r":1: the conversation must end with an assistant message"),
+        ({"messages": []}, r":1: 'messages' is empty"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, r":1: messages\[0\]: unknown role 'robot'"),
+        ({"messages": [{"role": "user", "content": ""}]}, r":1: messages\[0\]: 'content' is empty"),
+        ({"messages": [{"role": "user", "content": ["a"]}]}, r"messages\[0\]: 'content' must be a string, got list"),
+        (
+            {"messages": [{"role": "assistant", "content": "A"}]},
+            r"messages\[0\]: the assistant's message where the user's turn is due",
+        ),
+        (
+            {"messages": [*conv("Q?", "A")["messages"], {"role": "system", "content": "late"}]},
+            r"messages\[2\]: a system message comes first",
+        ),
+        ({"text": "Q?"}, r":1: expected one conversation"),
+        (conv("x" * 500, "A"), r"messages\[0\]: 500 characters, over data.max_chars=400"),
+    ],
+)
+def test_bad_conversations_name_the_line_and_the_message(tmp_path, chat_cfg, row, says):
+    with pytest.raises(DataError, match=says):
+        read_examples(write(tmp_path, [row]), chat_cfg.data)
+
+
+def test_a_conversations_split_round_trips_and_trains_every_assistant_turn(tmp_path, chat_cfg):
+    from slmkit.data import read_split, write_split
+    from slmkit.olive_config import render_split
+
+    path = write(tmp_path, [conv("Hi?", "Hello.", "Who?", "Ana", system="Be brief.")])
+    examples, _ = read_examples(path, chat_cfg.data)
+    write_split(tmp_path / "split.jsonl", examples, chat=True)
+    assert [e.messages() for e in read_split(tmp_path / "split.jsonl")] == [examples[0].messages()]
+    render_split(chat_cfg.data, examples, "<EOS>", tmp_path / "text.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "text.jsonl").read_text().splitlines()]
+    turn = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    assert rows == [
+        {"prompt": turn.format("Be brief.\n\nHi?"), "completion": "Hello.<|im_end|><EOS>"},
+        {
+            "prompt": turn.format("Be brief.\n\nHi?") + "Hello.<|im_end|>\n" + turn.format("Who?"),
+            "completion": "Ana<|im_end|><EOS>",
+        },
+    ]
+
+
+def test_a_chat_model_answers_a_conversation_with_its_earlier_turns(qa_model_dir, tmp_path):
+    from slmkit.prompt import build_conversation_prompt
+
+    folder = tmp_path / "chat_model"
+    shutil.copytree(qa_model_dir, folder)
+    data = load_prompt_config(folder)
+    data.format = "chat"
+    save_prompt_config(data, folder)
+    clf = load(folder, batch_size=4, threads=1)
+    messages = conv("Where is the key?", "drawer", "How many cats does Ana have?", system="Be brief.")["messages"]
+    prompt = build_conversation_prompt(
+        clf.data, messages[3]["content"], [(messages[1]["content"], "drawer")], "Be brief."
+    )
+    expected = clf.model.generate(prompt, 10, stop="<|end|>").split("<|end|>")[0].strip()
+    assert clf.generate([messages]) == [expected]
+    key = "chat-key-0123456789"
+    with Server(create_app(clf, ServeSettings(max_tokens=32, api_key=key), "chat")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=10)
+        assert reply.choices[0].message.content.strip() == expected
+        with pytest.raises(openai.BadRequestError, match=r"messages\[2\] is a user message where the assistant's"):
+            client.chat.completions.create(model="chat", messages=[*messages[:2], *messages[3:]])

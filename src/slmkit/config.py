@@ -46,7 +46,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str = MISSING  # any JSON-lines file; relative paths are relative to the repo root
+    path: str = MISSING
+    # columns: one phrase (question) and its label (answer) per line, in text_column / label_column;
+    # chat: one conversation per line in OpenAI's chat format, {"messages": [{"role", "content"}, ...]}
+    # (system, user, assistant turns; free-text answers; the loss on every assistant turn).
+    format: str = MISSING  # any JSON-lines file; relative paths are relative to the repo root
     text_column: str = MISSING  # the phrase (a question for generative data)
     label_column: str = MISSING  # its label (the answer)
     # The configured spelling; input labels match case-insensitively. Empty: a generative task (data=qa), the
@@ -61,6 +65,9 @@ class DataConfig:
     test_fraction: float = 0.2
     # Generative data: the most tokens an answer may take (evaluation, `slmkit generate`, the server's default).
     answer_tokens: int = 32
+
+
+DATA_FORMATS = ("columns", "chat")
 
 
 def is_generative(data: DataConfig) -> bool:
@@ -213,6 +220,9 @@ def check_values(cfg: Config) -> None:
         "data.template",
         "{label} must come after {text}: the model reads the text, then writes the label",
     )
+    _check_choice(d.format, "data.format", DATA_FORMATS)
+    if d.format == "chat":
+        _check(not d.labels, "data.labels", "data.format=chat holds free-text answers: set data.labels=[]")
     if is_generative(d):
         _check(
             bool(d.template.split("{label}", 1)[1].strip()),

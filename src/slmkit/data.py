@@ -22,10 +22,23 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    text: str
-    label: str
+    text: str  # the phrase; a question; in a conversation (data.format=chat), the last user message
+    label: str  # its label; the answer; the last assistant message
     line: int  # 1-based line in the source file
     truncated: bool = False  # cut to data.max_chars (data.on_too_long=truncate)
+    # A conversation's earlier (user, assistant) turns and its system message (data.format=chat).
+    history: tuple[tuple[str, str], ...] = ()
+    system: str | None = None
+
+    def messages(self) -> list[dict[str, str]]:
+        """The example in OpenAI's chat format."""
+        out = [{"role": "system", "content": self.system}] if self.system is not None else []
+        for user, assistant in (*self.history, (self.text, self.label)):
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return out
+
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -53,6 +66,8 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {err.start}); save the file as UTF-8") from None
 
+    if data.format == "chat":
+        return _read_conversations(path, content, data)
     cols = {data.text_column, data.label_column}
     examples: list[Example] = []
     seen: dict[str, Example] = {}
@@ -131,6 +146,78 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
     return examples, repeats
 
 
+def _read_conversations(path: Path, content: str, data: DataConfig) -> tuple[list[Example], int]:
+    """data.format=chat: one conversation a line, {"messages": [{"role", "content"}, ...]}: an optional system
+    message first, then user and assistant turns in turn, ending with the assistant's. Each message's text
+    is checked against data.max_chars (refused, or cut with data.on_too_long=truncate)."""
+    examples: list[Example] = []
+    seen: set[str] = set()
+    repeats = 0
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+        shape = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
+        if not isinstance(row, dict) or set(row) != {"messages"} or not isinstance(row["messages"], list):
+            raise DataError(f"{where}: expected one conversation, {shape} (data.format=chat)")
+        messages = row["messages"]
+        if not messages:
+            raise DataError(f"{where}: 'messages' is empty; a conversation needs a user and an assistant turn")
+        cut = False
+        turns: list[tuple[str, str]] = []
+        for i, msg in enumerate(messages):
+            at = f"{where}: messages[{i}]"
+            if not isinstance(msg, dict) or not {"role", "content"} <= msg.keys() or msg.keys() - {"role", "content"}:
+                raise DataError(f'{at}: expected {{"role": ..., "content": ...}}, got {json.dumps(msg)[:80]}')
+            role, text = msg["role"], msg["content"]
+            if role not in CHAT_ROLES:
+                raise DataError(f"{at}: unknown role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(text, str):
+                raise DataError(f"{at}: 'content' must be a string, got {type(text).__name__}")
+            text = text.strip()
+            if not text:
+                raise DataError(f"{at}: 'content' is empty; write the {role} message or remove it")
+            if len(text) > data.max_chars:
+                if data.on_too_long != "truncate":
+                    raise DataError(
+                        f"{at}: {len(text)} characters, over data.max_chars={data.max_chars}; shorten it, raise "
+                        "data.max_chars, or set data.on_too_long=truncate"
+                    )
+                text, cut = text[: data.max_chars].rstrip(), True
+            if role == "system":
+                if i != 0:
+                    raise DataError(f"{at}: a system message comes first, before the first user message")
+                continue
+            want = "assistant" if turns and len(turns[-1]) == 1 else "user"
+            if role != want:
+                raise DataError(
+                    f"{at}: the {role}'s message where the {want}'s turn is due; user and assistant take turns"
+                )
+            if role == "user":
+                turns.append((text,))  # type: ignore[arg-type]
+            else:
+                turns[-1] = (turns[-1][0], text)
+        if not turns or len(turns[-1]) != 2:
+            raise DataError(f"{where}: the conversation must end with an assistant message (what the model learns)")
+        system = messages[0]["content"].strip() if messages[0]["role"] == "system" else None
+        if system is not None and len(system) > data.max_chars:
+            system = system[: data.max_chars].rstrip()
+        key = json.dumps([system, turns]).casefold()
+        if key in seen:
+            repeats += 1
+            continue
+        seen.add(key)
+        (user, answer), history = turns[-1], tuple(turns[:-1])
+        examples.append(Example(user, answer, lineno, cut, history, system))  # type: ignore[arg-type]
+    if not examples:
+        raise DataError(f"{path}: no conversations (the file is empty); add lines like {shape}")
+    return examples, repeats
+
+
 def split_examples(examples: list[Example], data: DataConfig, seed: int) -> dict[str, list[Example]]:
     """Deterministic train/val/test split (same input + seed => same split), stratified by label for a
     classifier; generative data (free-text answers) is one group."""
@@ -159,17 +246,29 @@ def split_examples(examples: list[Example], data: DataConfig, seed: int) -> dict
     return out
 
 
-def write_split(path: Path, examples: list[Example]) -> None:
-    """Write a split with fixed keys text/label, so later stages need not know the source's column names."""
+def write_split(path: Path, examples: list[Example], chat: bool = False) -> None:
+    """Write a split with fixed keys text/label, so later stages need not know the source's column names;
+    conversations (chat) as {"messages": [...]}."""
     with open(path, "w", encoding="utf-8") as f:
         for ex in examples:
-            f.write(json.dumps({"text": ex.text, "label": ex.label}, ensure_ascii=False) + "\n")
+            row = {"messages": ex.messages()} if chat else {"text": ex.text, "label": ex.label}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _from_row(row: dict, line: int) -> Example:
+    if "messages" not in row:
+        return Example(text=row["text"], label=row["label"], line=line)
+    messages = row["messages"]
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    said = [m["content"] for m in messages if m["role"] != "system"]
+    turns = list(zip(said[0::2], said[1::2], strict=True))
+    return Example(text=turns[-1][0], label=turns[-1][1], line=line, history=tuple(turns[:-1]), system=system)
 
 
 def read_split(path: str | Path) -> list[Example]:
     """Read a split written by `prepare` (already validated)."""
     with open(path, encoding="utf-8") as f:
-        return [Example(text=row["text"], label=row["label"], line=i) for i, row in enumerate(map(json.loads, f), 1)]
+        return [_from_row(row, i) for i, row in enumerate(map(json.loads, f), 1)]
 
 
 def label_counts(examples: list[Example]) -> dict[str, int]:

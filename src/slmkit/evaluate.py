@@ -145,7 +145,9 @@ def score_answers(
             log.info("%s: %d/%d answered", name, done, len(test))
             logged = done
 
-    answers = clf.generate([e.text for e in test], progress=progress)
+    # A conversation (data.format=chat) is answered with its earlier turns, as it was trained.
+    questions = [e.messages()[:-1] if e.history or e.system is not None else e.text for e in test]
+    answers = clf.generate(questions, progress=progress)
     seconds = time.perf_counter() - start
     metrics, per = answer_report([e.label for e in test], answers)
     rows = [{name: a, f"{name}_exact_match": int(x["exact_match"])} for a, x in zip(answers, per, strict=True)]

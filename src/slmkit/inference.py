@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from slmkit.config import DECODINGS, DataConfig, is_generative
-from slmkit.prompt import build_prompt, label_suffix, parse_output, stop_marker
+from slmkit.prompt import build_conversation_prompt, build_prompt, label_suffix, parse_output, stop_marker
 
 # Written into every model folder the pipeline ships, so a folder is usable on its own.
 PROMPT_FILE = "slmkit_prompt.json"
@@ -37,6 +37,7 @@ def save_prompt_config(data: DataConfig, model_dir: Path) -> None:
     spec = {"template": data.template, "labels": list(data.labels), "max_chars": data.max_chars}
     if is_generative(data):  # a classifier's folder keeps the keys (and bytes) it always had
         spec["answer_tokens"] = data.answer_tokens
+        spec["format"] = data.format  # chat: trained on conversations, so the server shows the model all turns
     (model_dir / PROMPT_FILE).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
 
 
@@ -53,6 +54,7 @@ def load_prompt_config(model_dir: Path) -> DataConfig:
         data.max_chars = int(spec["max_chars"])
     if "answer_tokens" in spec:
         data.answer_tokens = int(spec["answer_tokens"])
+    data.format = spec.get("format", "columns")
     return data
 
 
@@ -392,9 +394,12 @@ class Classifier:
         Texts go through the model `batch_size` at a time (the classifier's by default; 1 = one at a time,
         the reference path the batched one must match). `progress(n)` is called after each batch of n.
         """
+        prompts = [build_prompt(self.data, t) for t in texts]
+        return self._predict(texts, prompts, decoding, batch_size, progress)
+
+    def _predict(self, texts: list, prompts: list[str], decoding, batch_size, progress) -> list[Prediction]:
         decoding = "stop" if self.generative else decoding or self.decoding
         size = batch_size or self.batch_size
-        prompts = [build_prompt(self.data, t) for t in texts]
         preds: list[Prediction | None] = [None] * len(texts)
         for batch in self.batches(prompts, size):
             chunk = [prompts[i] for i in batch]
@@ -405,13 +410,24 @@ class Classifier:
                 progress(len(batch))
         return preds  # type: ignore[return-value]
 
-    def generate(self, questions: list[str], batch_size: int | None = None, progress=None) -> list[str]:
-        """A generative model's greedy answer to each question (batched like `classify`)."""
+    def generate(self, questions: list, batch_size: int | None = None, progress=None) -> list[str]:
+        """A generative model's greedy answer to each question (batched like `classify`): a question is a
+        string, or a conversation in OpenAI's chat format (a list of {"role", "content"} ending with the
+        user's message), whose earlier turns are shown to the model as it was trained on them."""
         if not self.generative:
             raise ValueError(
                 f"this model is a classifier ({', '.join(self.data.labels)}): use classify(), or chat() for free text"
             )
-        return [p.label or "" for p in self.classify(questions, batch_size=batch_size, progress=progress)]
+        prompts = [build_prompt(self.data, q) if isinstance(q, str) else self.conversation_prompt(q) for q in questions]
+        preds = self._predict(questions, prompts, None, batch_size, progress)
+        return [p.label or "" for p in preds]
+
+    def conversation_prompt(self, messages: list[dict]) -> str:
+        """The prompt for the answer to a conversation's last user message (slmkit.prompt)."""
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        said = [m["content"] for m in messages if m["role"] != "system"]
+        history = list(zip(said[0:-1:2], said[1:-1:2], strict=True))
+        return build_conversation_prompt(self.data, said[-1], history, system)
 
     def batches(self, prompts: list[str], size: int | None = None) -> list[list[int]]:
         """Indices of `prompts`, at most `size` a batch: prompts of similar token lengths together (less

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.config import Config, DataConfig
-from slmkit.prompt import build_completion, build_prompt
+from slmkit.prompt import build_completion, build_conversation_prompt
 
 # Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
 PROMPT_COLUMN, COMPLETION_COLUMN = "prompt", "completion"
@@ -18,11 +18,17 @@ OLIVE_PASS = {"lora": "CompletionLoRA", "qlora": "CompletionQLoRA", "dora": "Com
 
 
 def render_split(data: DataConfig, examples: list, eos: str, path: Path) -> None:
-    """Write examples as the prompt/completion JSON lines the LoRA pass trains on (slmkit.prompt renders them)."""
+    """Write examples as the prompt/completion JSON lines the LoRA pass trains on (slmkit.prompt renders them).
+
+    A conversation (data.format=chat) gives one pair per assistant turn: the conversation up to that turn is
+    the prompt (no loss), the turn the completion, so the loss falls on every assistant turn and only there."""
     with open(path, "w", encoding="utf-8") as f:
         for e in examples:
-            row = {PROMPT_COLUMN: build_prompt(data, e.text), COMPLETION_COLUMN: build_completion(data, e.label, eos)}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            turns = [*e.history, (e.text, e.label)]
+            for j, (user, answer) in enumerate(turns):
+                prompt = build_conversation_prompt(data, user, turns[:j], e.system)
+                row = {PROMPT_COLUMN: prompt, COMPLETION_COLUMN: build_completion(data, answer, eos)}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _system(cfg: Config, *, for_builder: bool = False) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The OpenAI chat-completions API of `slmkit serve`: what a request may ask, where a reply stops, and the
 JSON objects the answer is made of. serve.py routes the requests (GET /v1/models, POST /v1/chat/completions).
 
-The shipped models are fine-tuned on a single-turn prompt template (slmkit_prompt.json): the last user
-message is rendered into it, as `slmkit chat` does; earlier turns and system messages are checked but not
-shown to the model. Decoding is greedy only, so a request asking for sampling is refused rather than
+A model fine-tuned on single turns (slmkit_prompt.json's template; the classifiers, data=qa) sees the last
+user message rendered into its template, as `slmkit chat` does; earlier turns and system messages are
+checked but not shown to it. A model fine-tuned on conversations (data=chat) sees every turn, rendered as in
+training (slmkit.prompt.build_conversation_prompt), and the turns must alternate (check_turns). Decoding is greedy only, so a request asking for sampling is refused rather than
 answered greedily as if it had been honoured.
 """
 
@@ -63,6 +64,7 @@ def error_body(err: RequestError) -> dict:
 @dataclass
 class ChatRequest:
     text: str  # the last user message: what the model's prompt template is filled with
+    messages: list[dict]  # every message, {"role", "content"}: a model trained on conversations sees them all
     max_tokens: int | None  # None: as many as the server's --max-tokens and the model's context allow
     max_tokens_param: str  # what the request called it: max_tokens or max_completion_tokens
     stop: list[str]  # the caller's stop strings
@@ -142,7 +144,27 @@ def parse_chat_request(body: bytes, model_name: str, max_tokens_limit: int, max_
     elif not isinstance(stream, bool):
         raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
     include_usage = _stream_options(payload.get("stream_options"), stream)
-    return ChatRequest(text, max_tokens, param, _stops(payload.get("stop")), stream, include_usage)
+    messages = [{"role": m["role"], "content": m["content"]} for m in payload["messages"]]
+    return ChatRequest(text, messages, max_tokens, param, _stops(payload.get("stop")), stream, include_usage)
+
+
+def check_turns(messages: list[dict]) -> None:
+    """For a model trained on conversations (data.format=chat): an optional system message first, then user
+    and assistant messages in turn; a 400 naming the first message out of place."""
+    for i, message in enumerate(messages):
+        role = message["role"]
+        said = sum(m["role"] != "system" for m in messages[:i])
+        due = "user" if said % 2 == 0 else "assistant"
+        if role == "system" and i == 0:
+            continue
+        if role != due:
+            where = "a system message comes only first" if role == "system" else f"the {due}'s turn is due"
+            raise ApiError(
+                400,
+                f"messages[{i}] is a {role} message where {where}: this model was trained on conversations "
+                "in which user and assistant take turns",
+                f"messages[{i}].role",
+            )
 
 
 def _last_user_message(messages, max_chars: int) -> str:

@@ -17,6 +17,27 @@ def build_prompt(data: DataConfig, text: str) -> str:
     return head.replace("{text}", text)
 
 
+# Between the turns of a conversation (data.format=chat): ChatML's and Phi-3's turns are joined by one newline.
+TURN_SEPARATOR = "\n"
+
+
+def build_conversation_prompt(
+    data: DataConfig, text: str, history: tuple | list = (), system: str | None = None
+) -> str:
+    """The prompt for the next answer in a conversation: each earlier (user, assistant) turn in the template,
+    closed by its end-of-turn marker, then the last user message's prompt. A system message goes before the
+    first user message's text, a blank line between (the single-turn templates have no system slot).
+
+    With no history and no system message it is build_prompt(data, text)."""
+    turns = [*history, (text, None)]
+    parts = []
+    for i, (user, answer) in enumerate(turns):
+        if i == 0 and system is not None:
+            user = f"{system}\n\n{user}"
+        parts.append(build_prompt(data, user) + ("" if answer is None else answer + label_suffix(data)))
+    return TURN_SEPARATOR.join(parts)
+
+
 def build_completion(data: DataConfig, label: str, eos_token: str) -> str:
     """What the model learns to write after the prompt: label + template suffix + EOS.
 

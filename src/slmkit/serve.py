@@ -292,7 +292,13 @@ class Chats:
                 503, f"busy: {self.queue_size} chat requests are waiting or running (--queue-size); retry shortly"
             )
         clf = self.batcher.clf
-        prompt = build_prompt(clf.data, req.text)
+        if clf.generative and clf.data.format == "chat":  # trained on conversations: it sees every turn
+            from slmkit.openai_api import check_turns
+
+            check_turns(req.messages)
+            prompt = clf.conversation_prompt(req.messages)
+        else:
+            prompt = build_prompt(clf.data, req.text)
         # The template's marker ends the reply: like a stop string, it is not part of the content.
         stops = [*req.stop, stop_marker(clf.data)]
         loop = asyncio.get_running_loop()

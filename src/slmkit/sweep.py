@@ -41,6 +41,8 @@ OBJECTIVE_METRICS = ("accuracy", "exact_match")
 def primary(model_metrics: dict[str, Any]) -> str:
     """The objective metric a model's metrics carry (accuracy for a classifier, exact_match for answers)."""
     return next((k for k in OBJECTIVE_METRICS if k in model_metrics), OBJECTIVE_METRICS[0])
+
+
 STAGE_LINE = re.compile(r"Stage '([\w-]+)' didn't change, skipping|Running stage '([\w-]+)'")
 
 
