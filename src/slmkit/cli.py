@@ -114,18 +114,27 @@ def _kind_error(clf, command: str) -> str | None:
     return None
 
 
+def _ready(args: argparse.Namespace, command: str):
+    """(inputs, model) for `command`, or the exit code after saying on one line why not."""
+    texts = _inputs(args, command)
+    if isinstance(texts, int):
+        return texts
+    clf = _load(args, command)
+    if clf is None:
+        return 1
+    if error := _kind_error(clf, command):
+        print(f"slmkit {command}: error: {error}", file=sys.stderr)
+        return 2
+    return texts, clf
+
+
 def _classify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    texts = _inputs(args, "classify")
-    if isinstance(texts, int):
-        return texts
-    clf = _load(args, "classify")
-    if clf is None:
-        return 1
-    if error := _kind_error(clf, "classify"):
-        print(f"slmkit classify: error: {error}", file=sys.stderr)
-        return 2
+    ready = _ready(args, "classify")
+    if isinstance(ready, int):
+        return ready
+    texts, clf = ready
     # Printed a chunk at a time, in input order: a chunk is large enough for the classifier to fill its
     # batches with phrases of one token length. The bar goes to stderr (results stay clean on stdout) and
     # only for files and stdin, on a terminal.
@@ -144,15 +153,10 @@ def _generate(args: argparse.Namespace) -> int:
     """Greedy answers, in input order: one line each (its own lines joined by spaces), or JSON lines."""
     from tqdm import tqdm
 
-    texts = _inputs(args, "generate")
-    if isinstance(texts, int):
-        return texts
-    clf = _load(args, "generate")
-    if clf is None:
-        return 1
-    if error := _kind_error(clf, "generate"):
-        print(f"slmkit generate: error: {error}", file=sys.stderr)
-        return 2
+    ready = _ready(args, "generate")
+    if isinstance(ready, int):
+        return ready
+    texts, clf = ready
     if args.max_new_tokens:
         clf.max_new_tokens = args.max_new_tokens
     with tqdm(total=len(texts), desc="generate", unit="question", disable=None if not args.text else True) as bar:

@@ -72,15 +72,7 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
     examples: list[Example] = []
     seen: dict[str, Example] = {}
     repeats = 0
-    # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which are legal inside JSON strings.
-    for lineno, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+    for lineno, where, row in _json_lines(path, content):
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object with keys {sorted(cols)}, got {type(row).__name__}")
         missing, extra = cols - row.keys(), row.keys() - cols
@@ -146,6 +138,19 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
     return examples, repeats
 
 
+def _json_lines(path: Path, content: str):
+    """(line number, "file:line", parsed object) for each non-blank line; a DataError for one that is not JSON."""
+    # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which are legal inside JSON strings.
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield lineno, where, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+
+
 def _read_conversations(path: Path, content: str, data: DataConfig) -> tuple[list[Example], int]:
     """data.format=chat: one conversation a line, {"messages": [{"role", "content"}, ...]}: an optional system
     message first, then user and assistant turns in turn, ending with the assistant's. Each message's text
@@ -153,14 +158,7 @@ def _read_conversations(path: Path, content: str, data: DataConfig) -> tuple[lis
     examples: list[Example] = []
     seen: set[str] = set()
     repeats = 0
-    for lineno, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+    for lineno, where, row in _json_lines(path, content):
         shape = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
         if not isinstance(row, dict) or set(row) != {"messages"} or not isinstance(row["messages"], list):
             raise DataError(f"{where}: expected one conversation, {shape} (data.format=chat)")

@@ -59,6 +59,20 @@ def report(gold: list[str], pred: list[str | None], labels: list[str]) -> dict:
 TIMINGS_FILE = "timings.json"
 
 
+def progress_log(message: str, total: int, every: int):
+    """A progress callback (n more done) that logs `message` % (done, total) every `every` and at the end."""
+    done = logged = 0
+
+    def progress(n: int) -> None:
+        nonlocal done, logged
+        done += n
+        if done - logged >= every or done == total:
+            log.info(message, done, total)
+            logged = done
+
+    return progress
+
+
 def score(
     name: str, clf: Classifier, test: list[Example], decoding: str, progress_every: int = 50
 ) -> tuple[dict, list[dict], float]:
@@ -66,15 +80,7 @@ def score(
 
     The time is apart from the metrics: it differs on every run, the metrics do not (DVC tracks them)."""
     start = time.perf_counter()
-    classified = logged = 0
-
-    def progress(n: int) -> None:
-        nonlocal classified, logged
-        classified += n
-        if classified - logged >= progress_every or classified == len(test):
-            log.info("%s (%s decoding): %d/%d classified", name, decoding, classified, len(test))
-            logged = classified
-
+    progress = progress_log(f"{name} ({decoding} decoding): %d/%d classified", len(test), progress_every)
     # All at once: the classifier forms its batches from phrases of like token lengths.
     preds = clf.classify([e.text for e in test], decoding=decoding, progress=progress)
     seconds = time.perf_counter() - start
@@ -136,14 +142,7 @@ def score_answers(
 ) -> tuple[dict, list[dict], float]:
     """A generative model's greedy answers to the test questions: (metrics, per-example rows, seconds each)."""
     start = time.perf_counter()
-    done = logged = 0
-
-    def progress(n: int) -> None:
-        nonlocal done, logged
-        done += n
-        if done - logged >= progress_every or done == len(test):
-            log.info("%s: %d/%d answered", name, done, len(test))
-            logged = done
+    progress = progress_log(f"{name}: %d/%d answered", len(test), progress_every)
 
     # A conversation (data.format=chat) is answered with its earlier turns, as it was trained.
     questions = [e.messages()[:-1] if e.history or e.system is not None else e.text for e in test]

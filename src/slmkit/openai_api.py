@@ -4,8 +4,9 @@ JSON objects the answer is made of. serve.py routes the requests (GET /v1/models
 A model fine-tuned on single turns (slmkit_prompt.json's template; the classifiers, data=qa) sees the last
 user message rendered into its template, as `slmkit chat` does; earlier turns and system messages are
 checked but not shown to it. A model fine-tuned on conversations (data=chat) sees every turn, rendered as in
-training (slmkit.prompt.build_conversation_prompt), and the turns must alternate (check_turns). Decoding is greedy only, so a request asking for sampling is refused rather than
-answered greedily as if it had been honoured.
+training (slmkit.prompt.build_conversation_prompt), and the turns must alternate (check_turns). Decoding is
+greedy only, so a request asking for sampling is refused rather than answered greedily as if it had been
+honoured.
 """
 
 from __future__ import annotations
