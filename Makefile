@@ -28,7 +28,7 @@ STAGES := $(shell awk '/^stages:/ {s = 1; next} /^[^ \#]/ {s = 0} s && /^  [A-Za
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
-.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify generate serve chat \
+.PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify generate serve chat record \
 	report bench bench-serve bench-train bench-overhead push pull import-data update-data lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
@@ -100,6 +100,10 @@ serve: env ## The int4 model behind an HTTP JSON API on 127.0.0.1 (POST /classif
 
 chat: env ## Free generation with the fine-tuned model, line by line (MODEL=int4|merged|base|<folder>)
 	$(PY) -m slmkit.cli chat --model $(MODEL) $(UNGATED_FLAG)
+
+record: env ## Keep the last run's metrics, settings, stage times and machine in metrics/$(NAME)_run.json (NAME=qa)
+	@test -n "$(NAME)" || { echo 'usage: make record NAME=qa'; exit 2; }
+	$(PY) scripts/record.py $(NAME)
 
 report: env ## Write reports/report.html for the last run: config, lineage, metrics, plots, latency, size
 	$(PY) scripts/report.py

@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,22 +33,6 @@ from slmkit.stage import StageError, log, main
 
 BENCH_JSON = METRICS / "bench.json"
 BENCH_DIR = ARTIFACTS / "bench"
-
-
-def machine() -> dict:
-    import psutil
-
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-    }
 
 
 def build_onnx(cfg, builder: str, hf_model: Path, out: Path) -> Path:
@@ -115,7 +98,7 @@ def latency(args) -> dict:
     cfg = load_params()
     test = read_split(stage_dir("prepare") / "test.jsonl")
     prompts = [build_prompt(cfg.data, e.text) for e in test[: args.phrases]]
-    out: dict = {"machine": machine(), "phrases": len(prompts), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out: dict = {"machine": bench.machine(), "phrases": len(prompts), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if cfg.builder.precision != "int4":
         raise StageError("make bench compares the int4 model: run `make finetune` with builder=int4_cpu first")
     # The pipeline's own model (the shipped default: SmolLM2-135M), in its three forms.
@@ -220,7 +203,7 @@ def training(steps: int) -> dict:
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.target_modules or [])},
         "tokens_per_step": round(steady_tokens / steps, 1),
     }
-    result.update(machine=machine(), load_average=round(os.getloadavg()[0], 2))
+    result.update(machine=bench.machine(), load_average=round(os.getloadavg()[0], 2))
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return result
 
@@ -265,7 +248,7 @@ def overhead() -> dict:
         "bare_total_s": round(total_bare, 1),
         "overhead_ratio": round(total_kit / total_bare, 3),
         "load_average": load,
-        "machine": machine(),
+        "machine": bench.machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -279,7 +262,7 @@ def serving(args) -> dict:
         e.text for split in ("train", "val", "test") for e in read_split(stage_dir("prepare") / f"{split}.jsonl")
     ]
     phrases = (phrases * (args.batch_phrases // len(phrases) + 1))[: args.batch_phrases]
-    out: dict = {"machine": machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out: dict = {"machine": bench.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     models = {"int4_onnx": stage_dir("quantize") / "model", "merged_pytorch": stage_dir("merge") / "model"}
     runs = {
         "int4_onnx": [(None, "constrained"), (1, "constrained"), (None, "stop")],

@@ -96,3 +96,26 @@ def test_the_report_shows_the_answers_the_models_got_wrong(qa_run):
     assert f"Answers some model got wrong or the models disagree on ({len(missed)} of {len(rows)})" in page
     assert missed, "the untrained base answers in its own words: some answer is wrong"
     assert html.escape(missed[0]["question"]) in page
+
+
+def test_make_record_keeps_the_runs_figures(qa_run, tmp_path):
+    """`make record NAME=...` copies the run's metrics, settings and stage times into metrics/<NAME>_run.json;
+    the test runs it in a copy of the shared run's metrics and records (the shared workspace stays as it is)."""
+    import shutil
+
+    ws, _ = qa_run
+    copy = tmp_path / "ws"
+
+    def models(folder: str, names: list[str]) -> list[str]:  # the model folders are not read: leave them
+        return ["model"] if Path(folder).parent == ws / "artifacts" else []
+
+    shutil.copytree(ws, copy, symlinks=True, ignore=models)
+    result = run_group(["make", "--no-print-directory", "record", f"VENV={VENV}", "NAME=qa"], 300, cwd=copy, env=_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((copy / "metrics/qa_run.json").read_text())
+    assert record["eval"] == json.loads((ws / "metrics/eval.json").read_text())
+    assert record["data"]["path"] == "data/qa.jsonl" and record["data"]["labels"] == []
+    assert set(record["stage_seconds"]) == {"prepare", "base", "train", "merge", "quantize", "evaluate"}
+    assert record["pipeline_seconds"] == pytest.approx(sum(record["stage_seconds"].values()), abs=0.1)
+    bad = run_group(["make", "--no-print-directory", "record", f"VENV={VENV}"], 60, cwd=copy, env=_env())
+    assert bad.returncode == 2 and "usage: make record NAME=qa" in bad.stdout + bad.stderr
