@@ -552,3 +552,16 @@ def test_logits_check_fails_when_the_build_ignored_prune_lm_head(tiny_model_dirs
     check_logits(full, False, tmp_path / "olive.log")
     with pytest.raises(StageError, match="'sequence_length' positions.*was not pruned"):
         check_logits(full, True, tmp_path / "olive.log")
+
+
+def test_int4_exclude_names_each_layers_matmuls_and_the_lm_head():
+    from slmkit.olive_config import excluded_nodes
+
+    assert excluded_nodes(["down_proj"], 2) == [
+        "/model/layers.0/attn/down_proj/MatMul",
+        "/model/layers.0/mlp/down_proj/MatMul",
+        "/model/layers.1/attn/down_proj/MatMul",
+        "/model/layers.1/mlp/down_proj/MatMul",
+    ]
+    assert excluded_nodes(["lm_head"], 2) == ["/lm_head/MatMul"]
+    assert excluded_nodes(["o_proj", "lm_head"], 1)[-1] == "/lm_head/MatMul"

@@ -217,15 +217,22 @@ def lora_branch_nodes(targets: list[str], num_layers: int) -> list[str]:
 BASE_MATMUL = "/model/layers.{layer}/{block}/{module}/MatMul"
 
 
+# builder.int4_exclude's name for the output projection to the vocabulary (ModelBuilder's /lm_head/MatMul).
+LM_HEAD = "lm_head"
+
+
 def excluded_nodes(modules: list[str], num_layers: int) -> list[str]:
-    """The base MatMuls of `modules` (builder.int4_exclude) in every layer: kept out of int4 (a superset, as
-    lora_branch_nodes; the quantize stage checks that each module's MatMuls stayed full precision)."""
-    return [
+    """The base MatMuls of `modules` (builder.int4_exclude) in every layer, and the LM head's when `lm_head`
+    is named: kept out of int4 (a superset, as lora_branch_nodes; the quantize stage checks that each
+    module's MatMuls stayed full precision)."""
+    nodes = [
         BASE_MATMUL.format(layer=layer, block=block, module=module)
         for layer in range(num_layers)
         for block in ("attn", "mlp")
         for module in modules
+        if module != LM_HEAD
     ]
+    return nodes + (["/lm_head/MatMul"] if LM_HEAD in modules else [])
 
 
 def builder_pass(cfg: Config, model_path: str | Path, lora_targets: list[str] | None = None) -> dict[str, Any]:
