@@ -72,6 +72,7 @@ def test_qa_lines_are_read_with_their_columns_and_answers_keep_their_lines(tmp_p
         ([qa("Where?", 3)], r"qa.jsonl:1: 'Best Answer' must be a string, got int"),
         ([qa("", "here")], r"qa.jsonl:1: 'Question' is empty"),
         ([{"question": "Where?", "Best Answer": "here"}], r"qa.jsonl:1: missing key\(s\) \['Question'\]"),
+        ([{"Best Answer": "here", "id": 3}], r"qa.jsonl:1: missing key\(s\) \['Question'\]"),
         (
             [qa("Where is it?", "here"), qa("where is it?", "there")],
             r"qa.jsonl:2: 'Question' also appears at line 1 with answer 'here', here 'there'; keep one answer",
@@ -81,6 +82,13 @@ def test_qa_lines_are_read_with_their_columns_and_answers_keep_their_lines(tmp_p
 def test_bad_qa_lines_name_file_line_and_column(tmp_path, qa_cfg, rows, says):
     with pytest.raises(DataError, match=says):
         read_examples(write(tmp_path, rows), qa_cfg.data)
+
+
+def test_other_columns_of_a_qa_file_are_ignored(tmp_path, qa_cfg):
+    """QA files in the wild carry more columns (TruthfulQA: Type, Category, Correct Answers, Source, ...)."""
+    row = {"Type": "Adversarial", "Question": "Who?", "Best Answer": "Ana", "Source": "https://example.org"}
+    examples, _ = read_examples(write(tmp_path, [row]), qa_cfg.data)
+    assert [(e.text, e.label) for e in examples] == [("Who?", "Ana")]
 
 
 def test_the_split_of_answers_is_one_group_and_deterministic(qa_cfg):

@@ -78,7 +78,8 @@ def read_examples(path: str | Path, data: DataConfig) -> tuple[list[Example], in
         missing, extra = cols - row.keys(), row.keys() - cols
         if missing:
             raise DataError(f"{where}: missing key(s) {sorted(missing)}; each line needs {sorted(cols)}")
-        if extra:
+        # Question/answer files in the wild carry more columns (ids, sources, other answers): read the two.
+        if extra and not is_generative(data):
             raise DataError(
                 f"{where}: unexpected key(s) {sorted(extra)}; each line has exactly {sorted(cols)} "
                 "(set data.text_column / data.label_column if your columns are named differently)"
