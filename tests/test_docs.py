@@ -11,12 +11,12 @@ The figure rule (README.md and every docs/*.md page):
   comment in a shell block is read as text), link targets, HTML comments, numbers inside a word or a
   date (`int4`, `Phi-3`, `SmolLM2-135M`, `2026-11-30`, `2-core`), and versions, which are written with
   three parts (`0.13.0`) or in inline code. Untagged fenced blocks are program output and are read.
-- Each figure must equal, at the precision written, a value in a committed file: metrics/eval.json,
-  metrics/bench.json, metrics/train_loss.csv, params.yaml or conf/ (config values such as a preset's
-  dropout). With a unit, the value must sit under a key for that unit: `ms` under `*_ms` keys (or `*_s`
-  keys times 1000), `MB` under `*_mb`, `%` a share, rate or score times 100, `points` an accuracy,
-  macro-F1, exact match, gate gap or tolerance times 100, `×` a ratio, speedup or share, `steps` a steps key, `phrases` under
-  `n`, `phrases`, `batch_size` or `support`. "At the precision written" means 0.8677 matches 0.86771 and
+- Each figure must equal, at the precision written, a value in a committed file: metrics/*.json (eval,
+  bench, the recorded runs of `make record`), metrics/train_loss.csv, params.yaml or conf/ (config values
+  such as a preset's dropout). With a unit, the value must sit under a key for that unit: `ms` under `*_ms`
+  keys (or `*_s` keys times 1000), `MB` under `*_mb`, `%` a share, rate or score times 100, `points` an
+  accuracy, macro-F1, exact match, gate gap or tolerance times 100, `×` a ratio, speedup or share, `steps`
+  a steps key, `phrases` under `n`, `phrases`, `batch_size` or `support`. "At the precision written" means 0.8677 matches 0.86771 and
   223 MB matches 223.1: the value is within half a unit of the last digit written.
 
 A figure that no committed file holds is dropped from the docs, not marked: that is the rule's point.
