@@ -16,8 +16,9 @@ The figure rule (README.md and every docs/*.md page):
   such as a preset's dropout). With a unit, the value must sit under a key for that unit: `ms` under `*_ms`
   keys (or `*_s` keys times 1000), `MB` under `*_mb`, `%` a share, rate or score times 100, `points` an
   accuracy, macro-F1, exact match, gate gap or tolerance times 100, `×` a ratio, speedup or share, `steps`
-  a steps key, `phrases` under `n`, `phrases`, `batch_size` or `support`. "At the precision written" means 0.8677 matches 0.86771 and
-  223 MB matches 223.1: the value is within half a unit of the last digit written.
+  a steps key, `phrases` under `n`, `phrases`, `batch_size` or `support`. "At the precision written" means
+  0.8677 matches 0.86771 and 223 MB matches 223.1: the value is within half a unit of the last digit
+  written.
 
 A figure that no committed file holds is dropped from the docs, not marked: that is the rule's point.
 """
