@@ -17,6 +17,7 @@ DEFAULT_MODEL = stage_dir("quantize") / "model"
 PRINT_CHUNK = 1024
 API_KEY_ENV = "SLMKIT_API_KEY"
 UNGATED = "use the pipeline's model even though the parity gate did not pass it (slmkit gate says why)"
+MODELS_HELP = "a model folder, or int4 (default), merged or base (the pipeline's outputs)"
 MODEL_NAMES = {"int4": DEFAULT_MODEL, "onnx": DEFAULT_MODEL, "merged": stage_dir("merge") / "model", "base": None}
 
 
@@ -296,42 +297,37 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _input_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """What `classify` and `generate` share: where the inputs come from, the model, and how it runs."""
+    parser.add_argument("text", nargs="*", help=f"{what}(s); else --file, else stdin (one per line)")
+    parser.add_argument("--file", type=Path, help=f"{what}s, one per line: plain text or JSON lines")
+    parser.add_argument("--text-key", help=f"JSON lines: the field holding the {what} (default: the first text field)")
+    parser.add_argument("--model", default="int4", help=MODELS_HELP)
+    parser.add_argument("--ungated", action="store_true", help=UNGATED)
+    parser.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help=f"{what}s per forward pass (%(default)s)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slmkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    models = "a model folder, or int4 (default), merged or base (the pipeline's outputs)"
+    models = MODELS_HELP
     p = sub.add_parser("classify", help="label phrases with the fine-tuned model")
-    p.add_argument("text", nargs="*", help="phrase(s); else --file, else stdin (one per line)")
-    p.add_argument("--file", type=Path, help="phrases, one per line: plain text or JSON lines")
-    p.add_argument("--text-key", help="JSON lines: the field holding the phrase (default: the first text field)")
-    p.add_argument("--model", default="int4", help=models)
-    p.add_argument("--ungated", action="store_true", help=UNGATED)
+    _input_args(p, "phrase")
     p.add_argument("--decoding", choices=DECODINGS, default=DEFAULT_DECODING, help="default: %(default)s")
     p.add_argument("--max-new-tokens", type=int, default=8, help="for --decoding stop")
     p.add_argument("--json", action="store_true", help="one JSON object per phrase")
-    p.add_argument(
-        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="phrases per forward pass (%(default)s)"
-    )
-    p.add_argument(
-        "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
-    )
     p.set_defaults(func=_classify, what="phrases")
     gen = sub.add_parser("generate", help="answer questions with a fine-tuned generative model (data=qa)")
-    gen.add_argument("text", nargs="*", help="question(s); else --file, else stdin (one per line)")
-    gen.add_argument("--file", type=Path, help="questions, one per line: plain text or JSON lines")
-    gen.add_argument("--text-key", help="JSON lines: the field holding the question (default: the first text field)")
-    gen.add_argument("--model", default="int4", help=models)
-    gen.add_argument("--ungated", action="store_true", help=UNGATED)
+    _input_args(gen, "question")
     gen.add_argument(
         "--max-new-tokens", type=_positive, help="longest answer (default: the model's data.answer_tokens)"
     )
     gen.add_argument("--json", action="store_true", help='one {"question", "answer"} object per question')
-    gen.add_argument(
-        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="questions per forward pass (%(default)s)"
-    )
-    gen.add_argument(
-        "--threads", type=int, default=0, help="compute threads (default 0: one per core, or OMP_NUM_THREADS)"
-    )
     gen.set_defaults(func=_generate, what="questions")
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
     c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
