@@ -191,3 +191,23 @@ def test_adapter_config_is_written_the_same_whatever_the_set_order(tmp_path: Pat
         "modules_to_save": None,
         "peft_type": "LORA",
     }
+
+
+def test_a_signal_turned_into_another_exception_still_ends_the_stage_as_interrupted(tmp_path: Path):
+    """SIGINT inside a library's cleanup can surface as another exception (omegaconf's flag_override raised an
+    AttributeError); the stage still exits 130 with its one line, not a traceback."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import os, signal\n"
+        "from slmkit.stage import main\n"
+        "def body():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    except BaseException:\n"
+        "        raise AttributeError(\"'NoneType' object has no attribute '_invalidate_flags_cache'\")\n"
+        "main('report', body)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 130, result.stderr
+    assert "slmkit report: error: interrupted by SIGINT" in result.stderr
+    assert "Traceback" not in result.stderr

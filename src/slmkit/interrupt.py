@@ -33,6 +33,11 @@ def install_handlers() -> None:
         signal.signal(sig, _on_signal)
 
 
+def received() -> Interrupted | None:
+    """The signal this process got, as the Interrupted it raised; None when none came."""
+    return Interrupted(_received[0]) if _received else None
+
+
 def raise_if_interrupted() -> None:
     """Raise Interrupted again if a signal came, even if its first exception was swallowed.
 

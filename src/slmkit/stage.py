@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from slmkit.interrupt import Interrupted, install_handlers, raise_if_interrupted
+from slmkit.interrupt import Interrupted, install_handlers, raise_if_interrupted, received
 from slmkit.paths import ARTIFACTS, STAGES, stage_dir
 from slmkit.redact import redact, redact_all_handlers
 
@@ -92,8 +92,12 @@ def main(stage: str, body: Callable[[], None]) -> None:
         _fail(stage, str(err) if full is None else f"{err}\n  {_disk_message(full, unchanged)}", 1)
     except Interrupted as err:
         _fail(stage, f"interrupted by {err}; {unchanged}. Run it again to finish", 128 + err.signum)
-    except OSError as err:
-        if _out_of_space(err) is None:
+    except Exception as err:
+        # A library's own cleanup can turn the signal's exception into another one as it unwinds (measured:
+        # SIGINT inside omegaconf's flag_override surfaced as an AttributeError): the signal still decides.
+        if (got := received()) is not None:
+            _fail(stage, f"interrupted by {got}; {unchanged}. Run it again to finish", 128 + got.signum)
+        if not isinstance(err, OSError) or _out_of_space(err) is None:
             raise
         _fail(stage, _disk_message(err, unchanged), 1)
     log.info("stage %s: done in %.1f s", stage, time.perf_counter() - start)
