@@ -11,7 +11,7 @@ from difflib import get_close_matches
 from pathlib import Path
 
 from slmkit.config import DataConfig, is_generative
-from slmkit.prompt import normalize_label
+from slmkit.prompt import conversation_turns, normalize_label
 
 SPLITS = ("train", "val", "test")
 
@@ -257,9 +257,7 @@ def write_split(path: Path, examples: list[Example], chat: bool = False) -> None
 def _from_row(row: dict, line: int) -> Example:
     if "messages" not in row:
         return Example(text=row["text"], label=row["label"], line=line)
-    messages = row["messages"]
-    system = messages[0]["content"] if messages[0]["role"] == "system" else None
-    said = [m["content"] for m in messages if m["role"] != "system"]
+    system, said = conversation_turns(row["messages"])
     turns = list(zip(said[0::2], said[1::2], strict=True))
     return Example(text=turns[-1][0], label=turns[-1][1], line=line, history=tuple(turns[:-1]), system=system)
 

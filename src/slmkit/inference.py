@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from slmkit.config import DECODINGS, DataConfig, is_generative
-from slmkit.prompt import build_conversation_prompt, build_prompt, label_suffix, parse_output, stop_marker
+from slmkit.prompt import (
+    build_conversation_prompt,
+    build_prompt,
+    conversation_turns,
+    label_suffix,
+    parse_output,
+    stop_marker,
+)
 
 # Written into every model folder the pipeline ships, so a folder is usable on its own.
 PROMPT_FILE = "slmkit_prompt.json"
@@ -424,8 +431,7 @@ class Classifier:
 
     def conversation_prompt(self, messages: list[dict]) -> str:
         """The prompt for the answer to a conversation's last user message (slmkit.prompt)."""
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        said = [m["content"] for m in messages if m["role"] != "system"]
+        system, said = conversation_turns(messages)
         history = list(zip(said[0:-1:2], said[1:-1:2], strict=True))
         return build_conversation_prompt(self.data, said[-1], history, system)
 

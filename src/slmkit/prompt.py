@@ -38,6 +38,12 @@ def build_conversation_prompt(
     return TURN_SEPARATOR.join(parts)
 
 
+def conversation_turns(messages: list[dict]) -> tuple[str | None, list[str]]:
+    """A chat-format conversation as (its system message or None, what user and assistant said, in turn)."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    return system, [m["content"] for m in messages if m["role"] != "system"]
+
+
 def build_completion(data: DataConfig, label: str, eos_token: str) -> str:
     """What the model learns to write after the prompt: label + template suffix + EOS.
 
