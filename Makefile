@@ -29,7 +29,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
 .PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify generate serve chat record \
-	report bench bench-serve bench-train bench-overhead push pull import-data update-data lineage test test-fast lint clean \
+	report bench bench-serve bench-train bench-formats bench-overhead push pull import-data update-data lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -116,6 +116,9 @@ bench-serve: env ## Batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 1
 
 bench-train: env ## The train stage's training vs a plain Hugging Face + PEFT loop on the same batches -> metrics/bench.json
 	$(PY) scripts/bench.py --train
+
+bench-formats: env ## Each number format (int4, int8, fp32, PyTorch bf16) vs its kernel's peak on this CPU -> metrics/bench.json
+	$(PY) scripts/bench.py --formats
 
 bench-overhead: env ## Kit pipeline time vs the same Olive configs by bare `olive run` -> metrics/bench.json
 	$(PY) scripts/bench.py --overhead

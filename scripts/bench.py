@@ -4,6 +4,7 @@
     python scripts/bench.py --overhead      # kit's train+merge+quantize vs the same Olive configs by `olive run`
     python scripts/bench.py --serve         # batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 16 clients
     python scripts/bench.py --train         # the train stage's training vs a plain HF + PEFT loop, same batches
+    python scripts/bench.py --formats       # each number format: accuracy, speed, and its kernel's peak
 
 The pipeline models are the last run's (artifacts/merge/model, artifacts/quantize/model) plus an fp32
 ONNX build of the merged model. The medium model has the real Phi-3 layout (vocab 32064) at ~220 M
@@ -253,15 +254,106 @@ def overhead() -> dict:
     }
 
 
+# The number formats `make bench-formats` builds and measures side by side: conf/builder options (+ overrides).
+FORMATS = {
+    "int4_acc4": ["builder=int4_cpu"],  # the int4 reference recipe (MatMulNBits, accuracy level 4)
+    "int4_acc1": ["builder=int4_cpu", "builder.int4_accuracy_level=1"],
+    "int8": ["builder=int8_cpu"],
+    "fp32": ["builder=fp32_cpu"],
+}
+# The merged model in PyTorch, as saved (fp32) and cast to bf16 at load.
+TORCH_FORMATS = {"pytorch_fp32": None, "pytorch_bf16": "bfloat16"}
+REFERENCE_FORMAT = "int4_acc4"
+
+
+def _all_phrases(n: int) -> list[str]:
+    """Every phrase of the prepared data (all three splits), repeated up to n."""
+    phrases = [
+        e.text for split in ("train", "val", "test") for e in read_split(stage_dir("prepare") / f"{split}.jsonl")
+    ]
+    return (phrases * (n // len(phrases) + 1))[:n]
+
+
+def formats(args) -> dict:
+    """Each format built from this run's base + adapter by the quantize stage's own build (slmkit.build),
+    measured in its own process on the same phrases, beside the peak of the kernel it runs on."""
+    from slmkit import formats as fm
+    from slmkit.build import build_onnx
+    from slmkit.inference import default_threads, save_prompt_config
+
+    cfg = load_params()
+    if not cfg.data.labels:
+        raise StageError("make bench-formats measures a classifier: run `make finetune` on the default data first")
+    threads = args.format_threads or default_threads()
+    test = [(e.text, e.label) for e in read_split(stage_dir("prepare") / "test.jsonl")]
+    speed = _all_phrases(args.batch_phrases)
+    base_path = read_json(stage_dir("base") / "base.json")["model_path"]
+    merged = stage_dir("merge") / "model"
+    root = BENCH_DIR / "formats"
+    paths: dict[str, Path] = {}
+    builders = {}
+    for name, overrides in FORMATS.items():
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.builder = compose(overrides).builder
+        builders[name] = run_cfg.builder
+        work = (root / f".olive-{name}").resolve()
+        shutil.rmtree(work, ignore_errors=True)
+        start = time.perf_counter()
+        output = build_onnx(run_cfg, work, base_path, stage_dir("train") / "adapter", merged)
+        paths[name] = root / name
+        shutil.rmtree(paths[name], ignore_errors=True)
+        shutil.copytree(output, paths[name], ignore=shutil.ignore_patterns("*footprint.json", "run_history.txt"))
+        save_prompt_config(cfg.data, paths[name])
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("%s built in %.0f s", name, time.perf_counter() - start)
+    results: dict = {}
+    layout = json.loads((merged / "config.json").read_text())
+    for name, path in [*paths.items(), *((n, merged) for n in TORCH_FORMATS)]:
+        log.info("measuring %s (%s, %d phrases, %d threads)", name, path, len(speed), threads)
+        results[name] = fm.classify_in_subprocess(
+            path, speed, test, cfg.evaluate.batch_size, threads, layout, TORCH_FORMATS.get(name)
+        )
+        log.info("%s: %s", name, results[name])
+    rows = round(cfg.evaluate.batch_size * results[REFERENCE_FORMAT]["prompt_tokens_per_phrase"])
+    shape = (rows, layout["hidden_size"], layout["intermediate_size"])
+    log.info("kernel peaks at %s x %s by %s x %s, %d threads", rows, shape[1], shape[1], shape[2], threads)
+    peaks = fm.kernel_peaks(*shape, threads)
+    merged_accuracy = results["pytorch_fp32"]["accuracy"]
+    tolerance = cfg.evaluate.parity_tolerance
+    for name, r in results.items():
+        r["kernel"] = fm.FORMAT_KERNEL[name]
+        r["kernel_peak_gflops"] = peaks[r["kernel"]]
+        if r["prompt_gflops"]:
+            r["share_of_kernel_peak"] = round(r["prompt_gflops"] / peaks[r["kernel"]], 3)
+        r["gap_to_merged"] = round(merged_accuracy - r["accuracy"], 4)
+        r["passes_gate"] = r["gap_to_merged"] <= tolerance
+        r["speedup_vs_int4_reference"] = round(
+            results[REFERENCE_FORMAT]["batch_ms_per_phrase"] / r["batch_ms_per_phrase"], 2
+        )
+    chosen = next((name for name, b in builders.items() if b == cfg.builder), None)
+    out: dict = {
+        "machine": {**bench.machine(), "features": fm.cpu_features()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": cfg.model.name,
+        "kernel_shape": list(shape),
+        "threads": threads,
+        "kernel_peaks_gflops": peaks,
+        "formats": results,
+        "reference": REFERENCE_FORMAT,
+        "parity_tolerance": tolerance,
+        "chosen": chosen,
+    }
+    if chosen:
+        out["classify_speedup_vs_int4_reference"] = results[chosen]["speedup_vs_int4_reference"]
+        out["chosen_passes_gate"] = results[chosen]["passes_gate"]
+    return out
+
+
 def serving(args) -> dict:
     """Batched vs one-at-a-time classification (both backends), then `slmkit serve` under load (int4)."""
     cfg = load_params()
     texts = [e.text for e in read_split(stage_dir("prepare") / "test.jsonl")]
-    # Every phrase of the shipped data (all three splits), repeated up to --batch-phrases.
-    phrases = [
-        e.text for split in ("train", "val", "test") for e in read_split(stage_dir("prepare") / f"{split}.jsonl")
-    ]
-    phrases = (phrases * (args.batch_phrases // len(phrases) + 1))[: args.batch_phrases]
+    phrases = _all_phrases(args.batch_phrases)
     out: dict = {"machine": bench.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     models = {"int4_onnx": stage_dir("quantize") / "model", "merged_pytorch": stage_dir("merge") / "model"}
     runs = {
@@ -313,8 +405,12 @@ def run() -> None:
     parser.add_argument(
         "--train", action="store_true", help="the train stage's training vs a plain HF + PEFT loop, same batches"
     )
+    parser.add_argument(
+        "--formats", action="store_true", help="each number format's accuracy and speed beside its kernel's peak"
+    )
+    parser.add_argument("--format-threads", type=int, default=None, help="--formats: threads (default: one per core)")
     parser.add_argument("--train-steps", type=int, default=20, help="--train: N of the N and 2N step runs")
-    parser.add_argument("--batch-phrases", type=int, default=1000, help="--serve: phrases classified both ways")
+    parser.add_argument("--batch-phrases", type=int, default=1000, help="--serve, --formats: phrases classified")
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=500, help="--serve: requests per concurrency level")
     parser.add_argument("--max-seconds", type=float, default=60, help="--serve: time cap per concurrency level")
@@ -327,6 +423,8 @@ def run() -> None:
         results["serving"] = serving(args)
     elif args.train:
         results["training"] = training(args.train_steps)
+    elif args.formats:
+        results["formats"] = formats(args)
     else:
         results.update(latency(args))
     write_json(args.out, results)

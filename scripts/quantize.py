@@ -1,4 +1,4 @@
-"""Stage `quantize`: build the ONNX model for onnxruntime-genai with Olive's ModelBuilder (int4 by default).
+"""Stage `quantize`: build the ONNX model for onnxruntime-genai with Olive's ModelBuilder (slmkit.build).
 
     python scripts/quantize.py   (reads params.yaml, artifacts/merge/ or, with builder.adapter=separate,
                                   artifacts/base/ + artifacts/train/; writes artifacts/quantize/)
@@ -10,7 +10,8 @@ tokenizer files, slmkit_prompt.json (the prompt the model was trained with) and 
 import csv
 import shutil
 
-from slmkit import lineage, olive_config, olive_run, resources
+from slmkit import lineage, olive_run, resources
+from slmkit.build import build_onnx
 from slmkit.config import load_params
 from slmkit.files import atomic_dir, read_json
 from slmkit.inference import GenaiModel, save_prompt_config
@@ -25,26 +26,8 @@ def run() -> None:
     cfg = load_params()
     resources.preflight("quantize", cfg, stage_dir("merge") / "model")
     work = olive_run.scratch("quantize")
-    adapter = stage_dir("train") / "adapter"
-    if cfg.builder.adapter == "separate":
-        # The base in int4, the adapter's branches beside it in full precision (no int4 rounding on them).
-        base_path = read_json(stage_dir("base") / "base.json")["model_path"]
-        workflow = olive_config.quantize_workflow(cfg, base_path, work, adapter)
-    else:
-        workflow = olive_config.quantize_workflow(cfg, stage_dir("merge") / "model", work)
-    output = olive_run.run_workflow(workflow, work, f"ModelBuilder {cfg.builder.precision}")
-    olive_run.require(
-        [output / "model.onnx", output / "genai_config.json", output / "tokenizer.json"],
-        f"ModelBuilder {cfg.builder.precision}",
-        work / "olive.log",
-    )
-    olive_run.check_logits(output, cfg.builder.prune_lm_head, work / "olive.log")
-    if cfg.builder.int4_exclude:
-        olive_run.check_excluded(output, list(cfg.builder.int4_exclude), work / "olive.log")
-    if cfg.builder.adapter == "separate":
-        names = olive_run.tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", work / "olive.log")
-        matrices = [n for n in names if "lora_A" in n or "lora_B" in n]
-        olive_run.check_lora_branches(output, len(matrices), work / "olive.log")
+    base_path = read_json(stage_dir("base") / "base.json")["model_path"]
+    output = build_onnx(cfg, work, base_path, stage_dir("train") / "adapter", stage_dir("merge") / "model")
     with atomic_dir(stage_dir("quantize")) as out:
         model = out / "model"
         shutil.copytree(output, model, ignore=shutil.ignore_patterns(*OLIVE_FILES))

@@ -306,7 +306,7 @@ def test_every_tool_output_folder_is_under_artifacts(tmp_path: Path):
         olive_config.train_workflow(cfg, "base", Path("t.jsonl"), Path("v.jsonl"), ARTIFACTS / ".olive-train"),
         olive_config.merge_workflow(cfg, "base", "adapter", ARTIFACTS / ".olive-merge"),
         olive_config.quantize_workflow(
-            compose(["builder.adapter=merged", "builder.int4_exclude=[]"]), "merged", ARTIFACTS / ".olive-quantize"
+            compose(["builder.adapter=merged", "builder.exclude=[]"]), "merged", ARTIFACTS / ".olive-quantize"
         ),
         olive_config.quantize_workflow(cfg, tmp_path / "base", ARTIFACTS / ".olive-quantize", tmp_path / "adapter"),
     ]

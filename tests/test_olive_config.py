@@ -471,7 +471,7 @@ def test_separate_adapter_names_the_parts_of_packed_projections():
 
 
 def test_merged_build_has_no_exclusions(paths):
-    cfg = compose(["model=smollm2_135m", "builder.adapter=merged", "builder.int4_exclude=[]"])
+    cfg = compose(["model=smollm2_135m", "builder.adapter=merged", "builder.exclude=[]"])
     _merged(paths, layers=2)
     workflow = olive_config.quantize_workflow(cfg, paths["merged"], paths["work"])
     assert "int4_nodes_to_exclude" not in _only_pass(workflow)
@@ -479,8 +479,8 @@ def test_merged_build_has_no_exclusions(paths):
 
 
 @pytest.mark.parametrize("adapter", ["merged", "separate"])
-def test_int4_exclude_keeps_those_projections_full_precision_in_every_layer(paths, olive_package, adapter: str):
-    cfg = compose(["model=smollm2_135m", f"builder.adapter={adapter}", "builder.int4_exclude=[down_proj,v_proj]"])
+def test_exclude_keeps_those_projections_full_precision_in_every_layer(paths, olive_package, adapter: str):
+    cfg = compose(["model=smollm2_135m", f"builder.adapter={adapter}", "builder.exclude=[down_proj,v_proj]"])
     _merged(paths, layers=3)
     _adapter_and_base(paths, ["q_proj"], layers=3)
     source = paths["merged"] if adapter == "merged" else paths["base"]
@@ -554,7 +554,7 @@ def test_logits_check_fails_when_the_build_ignored_prune_lm_head(tiny_model_dirs
         check_logits(full, True, tmp_path / "olive.log")
 
 
-def test_int4_exclude_names_each_layers_matmuls_and_the_lm_head():
+def test_exclude_names_each_layers_matmuls_and_the_lm_head():
     from slmkit.olive_config import excluded_nodes
 
     assert excluded_nodes(["down_proj"], 2) == [

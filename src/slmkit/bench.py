@@ -107,8 +107,8 @@ class _Genai:
 
 
 class _Torch:
-    def __init__(self, path: Path, threads: int, device: str = "cpu"):
-        """fp32 on the CPU; bf16 on a GPU (what a PyTorch user would serve there)."""
+    def __init__(self, path: Path, threads: int, device: str = "cpu", dtype: str | None = None):
+        """fp32 on the CPU, bf16 on a GPU (what a PyTorch user would serve there), unless `dtype` says."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,8 +116,8 @@ class _Torch:
         self.torch = torch
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -11,7 +11,9 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PRECISIONS = ("int4", "fp16", "fp32")
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+# Precisions that round the base's weights (builder.exclude keeps named projections out of it).
+QUANTIZED = ("int4", "int8")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 MODEL_SOURCES = ("tiny", "hub", "local", "random", "gguf")
 # lora.method -> the Olive pass that trains it (one to one).
@@ -157,9 +159,10 @@ class BuilderConfig:
     # ModelBuilder's int4_algo_config (INT4_ALGOS): round to nearest, or k-quant's searched scales, with the
     # LM head (`_last`) or sensitive layers (`_mixed`) in int8.
     int4_algo: str | None = None
-    # Module names (e.g. down_proj) whose MatMuls stay full precision in every layer: the int4 rounding a
-    # small model's thin margins do not survive, kept off its most sensitive projections.
-    int4_exclude: list[str] | None = None
+    # int4 and int8: module names (e.g. down_proj; lm_head for the output projection) whose MatMuls stay full
+    # precision in every layer: the rounding a small model's thin margins do not survive, kept off its most
+    # sensitive projections. null for fp32/fp16.
+    exclude: list[str] | None = None
     # merged | separate (ADAPTER_MODES); separate keeps int4 rounding off the adapter's weights.
     adapter: str = MISSING
     # ModelBuilder's prune_lm_head: the LM head scores the last position only (classification and decoding
@@ -331,14 +334,20 @@ def check_values(cfg: Config) -> None:
         )
         _check(b.int4_accuracy_level in (0, 1, 2, 3, 4), "builder.int4_accuracy_level", "use 0..4")
         _check(b.int4_algo in INT4_ALGOS, "builder.int4_algo", f"use one of {', '.join(INT4_ALGOS)}")
+    else:
+        for key in ("int4_block_size", "int4_accuracy_level", "int4_algo"):
+            _check(getattr(b, key) is None, f"builder.{key}", "only applies to precision=int4; set it to null")
+    if b.precision == "int8":
+        # onnxruntime's dynamic int8 MatMul kernels (DynamicQuantizeMatMul) run on the CPU provider only.
+        _check(b.execution_provider == "cpu", "builder", "int8 runs on CPU only; use builder=int4_cuda on CUDA")
+    if b.precision in QUANTIZED:
         _check(
-            b.int4_exclude is not None and all(isinstance(m, str) and m for m in b.int4_exclude),
-            "builder.int4_exclude",
+            b.exclude is not None and all(isinstance(m, str) and m for m in b.exclude),
+            "builder.exclude",
             "a list of module names (e.g. [down_proj]), [] for none",
         )
     else:
-        for key in ("int4_block_size", "int4_accuracy_level", "int4_algo", "int4_exclude"):
-            _check(getattr(b, key) is None, f"builder.{key}", "only applies to precision=int4; set it to null")
+        _check(b.exclude is None, "builder.exclude", "only applies to precision=int4 or int8; set it to null")
 
     e = cfg.evaluate
     _check(e.max_new_tokens > 0, "evaluate.max_new_tokens", "must be > 0")

@@ -261,7 +261,10 @@ class TorchModel:
     # Left padding with a mask and position ids: rows of any lengths batch together.
     one_length_batches = False
 
-    def __init__(self, path: Path, trust_remote_code: bool = False, threads: int | None = None):
+    def __init__(
+        self, path: Path, trust_remote_code: bool = False, threads: int | None = None, dtype: str | None = None
+    ):
+        """`dtype`: load the weights as this torch dtype (e.g. bfloat16); None: as saved (fp32 here)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -269,7 +272,8 @@ class TorchModel:
         self.threads = torch.get_num_threads()
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+        kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs).eval()
         self.eos_id = self.tokenizer.eos_token_id
         # What ends generation: the model's generation config (one id or several), as `generate` reads it.
         eos = self.model.generation_config.eos_token_id
@@ -291,7 +295,7 @@ class TorchModel:
 
         def forward(tokens: list[int]):
             with torch.no_grad():
-                return self.model(input_ids=torch.tensor([tokens])).logits[0, -1]
+                return self.model(input_ids=torch.tensor([tokens])).logits[0, -1].float()
 
         def advance(token: int):
             ids.append(token)
@@ -319,7 +323,7 @@ class TorchModel:
         """Next-token logits after each prompt, one forward pass for the whole batch (rows x vocab)."""
         ids, mask, positions = self._left_padded(prompts)
         with self._torch.no_grad():
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
 
     def generate_batch(self, prompts: list[str], max_new_tokens: int, stop: str | None = None) -> list[str]:
         """`generate` for many prompts at once (left-padded); each row stops at end-of-sequence or `stop`."""

@@ -218,7 +218,10 @@ def model_card(cfg: Config, base: dict, manifest: dict, final_loss: dict, rec: d
     else:
         base_line = f"`{base.get('hub_id') or base['model_path']}` at revision `{base.get('revision')}`"
     splits = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
-    precision = b.precision + (f", block size {b.int4_block_size}" if b.precision == "int4" else "")
+    precision = b.precision + {
+        "int4": f", block size {b.int4_block_size}",
+        "int8": " (per-channel weights, activations quantized at run time)",
+    }.get(b.precision, "")
     pk = rec["packages"]
     locks = ", ".join(f"`{name}` `{sha[:12]}`" for name, sha in rec["lock_sha256"].items()) or "none"
     # QLoRA has no module list in the config: Olive adapts every 4-bit linear layer.

@@ -217,12 +217,12 @@ def lora_branch_nodes(targets: list[str], num_layers: int) -> list[str]:
 BASE_MATMUL = "/model/layers.{layer}/{block}/{module}/MatMul"
 
 
-# builder.int4_exclude's name for the output projection to the vocabulary (ModelBuilder's /lm_head/MatMul).
+# builder.exclude's name for the output projection to the vocabulary (ModelBuilder's /lm_head/MatMul).
 LM_HEAD = "lm_head"
 
 
 def excluded_nodes(modules: list[str], num_layers: int) -> list[str]:
-    """The base MatMuls of `modules` (builder.int4_exclude) in every layer, and the LM head's when `lm_head`
+    """The base MatMuls of `modules` (builder.exclude) in every layer, and the LM head's when `lm_head`
     is named: kept out of int4 (a superset, as lora_branch_nodes; the quantize stage checks that each
     module's MatMuls stayed full precision)."""
     nodes = [
@@ -237,14 +237,17 @@ def excluded_nodes(modules: list[str], num_layers: int) -> list[str]:
 
 def builder_pass(cfg: Config, model_path: str | Path, lora_targets: list[str] | None = None) -> dict[str, Any]:
     """ModelBuilder for `model_path`: int4 keeps the adapter's branches (`lora_targets`) and
-    builder.int4_exclude out of int4, in each of the model's layers."""
+    builder.exclude out of int4, in each of the model's layers (int8 does the same in slmkit.int8)."""
     b = cfg.builder
-    olive_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": b.precision}
+    # int8: ModelBuilder builds fp32 and the quantize stage puts the base's MatMuls in int8 (slmkit.int8):
+    # ModelBuilder's own int8 precision does not build a runnable model here.
+    precision = "fp32" if b.precision == "int8" else b.precision
+    olive_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": precision}
     if b.precision == "int4":
         olive_pass["int4_block_size"] = b.int4_block_size
         olive_pass["int4_accuracy_level"] = b.int4_accuracy_level
         olive_pass["int4_algo_config"] = b.int4_algo
-        excluded = list(b.int4_exclude or [])
+        excluded = list(b.exclude or [])
         layers = _num_layers(model_path) if lora_targets or excluded else 0
         keep_out_of_int4 = lora_branch_nodes(lora_targets, layers) if lora_targets else []
         keep_out_of_int4 += excluded_nodes(excluded, layers)

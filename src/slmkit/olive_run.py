@@ -177,8 +177,8 @@ def check_lora_branches(model: Path, expected: int, log_path: Path) -> None:
 
 
 def check_excluded(model: Path, modules: list[str], log_path: Path) -> None:
-    """Fail unless every module of builder.int4_exclude has its base MatMuls in full precision and none in
-    int4: a name ModelBuilder does not use would be ignored by it, silently."""
+    """Fail unless every module of builder.exclude has its base MatMuls in full precision and none quantized:
+    a name the model does not use would be ignored by ModelBuilder (and slmkit.int8), silently."""
     import onnx
 
     graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
@@ -187,8 +187,8 @@ def check_excluded(model: Path, modules: list[str], log_path: Path) -> None:
         kept = [n for n in nodes if n.op_type == "MatMul"]
         if not kept or len(kept) != len(nodes):
             raise StageError(
-                f"builder.int4_exclude names {module!r}, but ModelBuilder wrote {len(kept)} full-precision and "
-                f"{len(nodes) - len(kept)} int4 MatMuls for it in {model / 'model.onnx'}: use the model's module "
+                f"builder.exclude names {module!r}, but the build wrote {len(kept)} full-precision and "
+                f"{len(nodes) - len(kept)} quantized MatMuls for it in {model / 'model.onnx'}: use the model's module "
                 f"names (lora.target_modules has them).\n  full log: {log_path}"
             )
 

@@ -15,7 +15,8 @@ from slmkit.stage import StageError
 log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int4": 0.5 + 1 / 16}  # int4: 4 bits + a scale per 32 weights
+# int4: 4 bits + a scale per 32 weights; int8: a byte (+ a scale per output channel)
+PRECISION_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 1 / 16}
 # Below this many times the estimate, a stage is warned about: estimates are rough and tools make copies.
 MARGIN = 2.0
 
