@@ -75,20 +75,18 @@ def test_conf_dir_is_the_repo_conf():
     assert GROUP_FILES, "no option files found under conf/<group>/"
 
 
-# Options the default build (builder.adapter=separate) cannot take: each is refused naming the key, and
-# composes with the setting the message names (docs/configuration.md lists them).
+# Options a separate build (builder.adapter=separate, as builder=int4_cpu has it) cannot take: each is refused
+# naming the key, and composes with the setting the message names (docs/configuration.md lists them).
 NEEDS_MERGED_BUILD = {"model=phi3_tiny", "lora=dora"}
 
 
 @pytest.mark.parametrize("option_file", GROUP_FILES, ids=[f"{p.parent.name}={p.stem}" for p in GROUP_FILES])
 def test_every_group_option_composes(option_file: Path):
     group, name = option_file.parent.name, option_file.stem
-    extra = []
     if f"{group}={name}" in NEEDS_MERGED_BUILD:
         with pytest.raises(ConfigError, match="builder.adapter=merged"):
-            compose([f"{group}={name}"])
-        extra = ["builder.adapter=merged"]
-    cfg = compose([f"{group}={name}", *extra])
+            compose([f"{group}={name}", "builder.adapter=separate"])
+    cfg = compose([f"{group}={name}"])
     assert isinstance(cfg, Config)
     # The composed section is the chosen file (plus schema defaults for keys the file leaves out).
     full = to_dict(cfg)
@@ -197,9 +195,9 @@ def test_bad_override_is_config_error_naming_the_key(overrides: list[str], key: 
         (["train.torch_dtype=float8"], "train.torch_dtype"),
         (["builder.precision=int3"], "builder.precision"),
         (["builder.execution_provider=tpu"], "builder.execution_provider"),
-        (["builder.int4_block_size=33"], "builder.int4_block_size"),
-        (["builder.int4_accuracy_level=5"], "builder.int4_accuracy_level"),
-        (["builder.int4_algo=gptq"], "builder.int4_algo"),
+        (["builder.precision=int4", "builder.int4_block_size=32", "builder.int4_accuracy_level=4", "builder.int4_algo=default", "builder.int4_block_size=33"], "builder.int4_block_size"),
+        (["builder.precision=int4", "builder.int4_block_size=32", "builder.int4_accuracy_level=4", "builder.int4_algo=default", "builder.int4_accuracy_level=5"], "builder.int4_accuracy_level"),
+        (["builder.precision=int4", "builder.int4_block_size=32", "builder.int4_accuracy_level=4", "builder.int4_algo=default", "builder.int4_algo=gptq"], "builder.int4_algo"),
         (["evaluate.max_new_tokens=0"], "evaluate.max_new_tokens"),
         (["evaluate.decoding=beam"], "evaluate.decoding"),
         (["evaluate.parity_tolerance=-0.01"], "evaluate.parity_tolerance"),
