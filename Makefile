@@ -8,12 +8,14 @@ EXTRA ?= cpu
 ARGS ?=
 TEXT ?=
 FILE ?=
-MODEL ?= int4
+MODEL ?= onnx
 PORT ?= 8000
 ARTIFACT ?=
 # make import-data URL=azure://<container>/<path> [TO=data/<name>]; make update-data [TO=data/<name>]
 URL ?=
 TO ?=
+# make bench-family RECIPE="builder=int4_cpu": the recipe whose gap is measured (default: params.yaml's)
+RECIPE ?=
 # UNGATED=1: classify/serve/chat/push use the pipeline's model even when the parity gate did not pass it.
 UNGATED ?=
 UNGATED_FLAG := $(if $(UNGATED),--ungated)
@@ -29,7 +31,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
 .PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify generate serve chat record \
-	report bench bench-serve bench-train bench-formats bench-overhead push pull import-data update-data lineage test test-fast lint clean \
+	report bench bench-serve bench-train bench-train-dtypes bench-formats bench-family bench-overhead push pull import-data update-data lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -87,7 +89,7 @@ olive-config: env ## Eject: one Olive config (+ package config) for `olive run` 
 	$(RUNLOCK) dvc repro base
 	$(PY) scripts/eject.py olive-config
 
-classify: env ## Label a phrase (TEXT="...") or a file (FILE=phrases.txt|.jsonl); MODEL=int4|merged|base|<folder>
+classify: env ## Label a phrase (TEXT="...") or a file (FILE=phrases.txt|.jsonl); MODEL=onnx|merged|base|<folder>
 	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make classify TEXT="a phrase"  or  make classify FILE=phrases.txt'; exit 2; }
 	$(PY) -m slmkit.cli classify --model $(MODEL) $(UNGATED_FLAG) $(if $(FILE),--file "$(FILE)","$(TEXT)")
 
@@ -95,10 +97,10 @@ generate: env ## Answer a question (TEXT="...") or a file (FILE=questions.txt|.j
 	@test -n "$(TEXT)$(FILE)" || { echo 'usage: make generate TEXT="a question"  or  make generate FILE=questions.txt'; exit 2; }
 	$(PY) -m slmkit.cli generate --model $(MODEL) $(UNGATED_FLAG) $(if $(FILE),--file "$(FILE)","$(TEXT)")
 
-serve: env ## The int4 model behind an HTTP JSON API on 127.0.0.1 (POST /classify, GET /health; PORT=8000, MODEL=...)
+serve: env ## The built model behind an HTTP JSON API on 127.0.0.1 (POST /classify, GET /health; PORT=8000, MODEL=...)
 	$(PY) -m slmkit.cli serve --model $(MODEL) --port $(PORT) $(UNGATED_FLAG)
 
-chat: env ## Free generation with the fine-tuned model, line by line (MODEL=int4|merged|base|<folder>)
+chat: env ## Free generation with the fine-tuned model, line by line (MODEL=onnx|merged|base|<folder>)
 	$(PY) -m slmkit.cli chat --model $(MODEL) $(UNGATED_FLAG)
 
 record: env ## Keep the last run's metrics, settings, stage times and machine in metrics/$(NAME)_run.json (NAME=qa)
@@ -117,8 +119,16 @@ bench-serve: env ## Batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 1
 bench-train: env ## The train stage's training vs a plain Hugging Face + PEFT loop on the same batches -> metrics/bench.json
 	$(PY) scripts/bench.py --train
 
+bench-train-dtypes: env ## The train stage with the frozen base in fp32 vs bf16, same batches -> metrics/bench.json
+	$(PY) scripts/bench.py --train --train-dtypes float32,bfloat16
+
 bench-formats: env ## Each number format (int4, int8, fp32, PyTorch bf16) vs its kernel's peak on this CPU -> metrics/bench.json
 	$(PY) scripts/bench.py --formats
+
+bench-family: env ## The recipe's int8/int4-vs-merged gap over neighbouring runs (ranks, data, seeds) -> metrics/bench.json
+	$(PY) scripts/compose.py
+	$(RUNLOCK) dvc repro base
+	$(PY) scripts/bench.py --family $(if $(RECIPE),--recipe $(RECIPE))
 
 bench-overhead: env ## Kit pipeline time vs the same Olive configs by bare `olive run` -> metrics/bench.json
 	$(PY) scripts/bench.py --overhead

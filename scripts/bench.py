@@ -5,6 +5,7 @@
     python scripts/bench.py --serve         # batched vs one-at-a-time classify; `slmkit serve` at 1, 4, 16 clients
     python scripts/bench.py --train         # the train stage's training vs a plain HF + PEFT loop, same batches
     python scripts/bench.py --formats       # each number format: accuracy, speed, and its kernel's peak
+    python scripts/bench.py --family        # the recipe's parity gap over neighbouring runs (DVC experiments)
 
 The pipeline models are the last run's (artifacts/merge/model, artifacts/quantize/model) plus an fp32
 ONNX build of the merged model. The medium model has the real Phi-3 layout (vocab 32064) at ~220 M
@@ -24,11 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from slmkit import bench, olive_config, olive_run
-from slmkit.config import compose, load_params
+from slmkit import bench, olive_config
+from slmkit.build import build_onnx
+from slmkit.config import QUANTIZED, compose, load_params
 from slmkit.data import read_split
 from slmkit.files import read_json, write_json
-from slmkit.paths import ARTIFACTS, METRICS, stage_dir
+from slmkit.paths import ARTIFACTS, METRICS, onnx_metrics_key, stage_dir
 from slmkit.prompt import build_prompt
 from slmkit.stage import StageError, log, main
 
@@ -36,19 +38,13 @@ BENCH_JSON = METRICS / "bench.json"
 BENCH_DIR = ARTIFACTS / "bench"
 
 
-def build_onnx(cfg, builder: str, hf_model: Path, out: Path) -> Path:
-    """The quantize stage's Olive ModelBuilder config for `builder` (conf/builder/<builder>.yaml)."""
+def build_plain(cfg, builder: str, hf_model: Path, out: Path) -> Path:
+    """A plain model folder (no adapter) built as the quantize stage builds `builder` (conf/builder/<builder>.yaml)."""
     cfg = copy.deepcopy(cfg)
-    # A plain model folder, no adapter: ModelBuilder builds it as is (the merged path).
     cfg.builder = dataclasses.replace(compose([f"builder={builder}"]).builder, adapter="merged")
-    work = out.with_name(f".olive-{out.name}")
+    work = out.with_name(f".olive-{out.name}").resolve()
     shutil.rmtree(work, ignore_errors=True)
-    output = olive_run.run_workflow(
-        olive_config.quantize_workflow(cfg, hf_model, work), work, f"ModelBuilder {builder}"
-    )
-    olive_run.require(
-        [output / "model.onnx", output / "genai_config.json"], f"ModelBuilder {builder}", work / "olive.log"
-    )
+    output = build_onnx(cfg, work, hf_model, None, hf_model)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(
         output, out, ignore=shutil.ignore_patterns("*footprint.json", "model_config.json", "run_history.txt")
@@ -71,7 +67,7 @@ def medium_models(cfg, layout: bench.MediumModel, texts: list[str]) -> dict[str,
     log.info("medium model: %d parameters (%.0f s)", info["parameters"], time.perf_counter() - start)
     for name, builder in (("int4_onnx", "int4_cpu"), ("fp32_onnx", "fp32_cpu")):
         start = time.perf_counter()
-        build_onnx(cfg, builder, paths["pytorch"], paths[name])
+        build_plain(cfg, builder, paths["pytorch"], paths[name])
         log.info("medium %s built in %.0f s", name, time.perf_counter() - start)
     stamp.write_text(wanted)
     return paths
@@ -90,8 +86,9 @@ def measure_all(paths: dict[str, Path], prompts: list[str], args) -> dict:
             threads=args.threads,
         )
         log.info("%s: %s", name, results[name])
-    if {"int4_onnx", "fp32_onnx", "pytorch"} <= results.keys():
-        results["ratios"] = bench.ratios(results["int4_onnx"], results["pytorch"], results["fp32_onnx"])
+    quantized = next((k for k in results if k.endswith("_onnx") and k != "fp32_onnx"), None)
+    if quantized and {"fp32_onnx", "pytorch"} <= results.keys():
+        results["ratios"] = bench.ratios(quantized, results[quantized], results["pytorch"], results["fp32_onnx"])
     return results
 
 
@@ -100,12 +97,15 @@ def latency(args) -> dict:
     test = read_split(stage_dir("prepare") / "test.jsonl")
     prompts = [build_prompt(cfg.data, e.text) for e in test[: args.phrases]]
     out: dict = {"machine": bench.machine(), "phrases": len(prompts), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if cfg.builder.precision != "int4":
-        raise StageError("make bench compares the int4 model: run `make finetune` with builder=int4_cpu first")
+    if cfg.builder.precision not in QUANTIZED:
+        raise StageError(
+            f"make bench compares the quantized model with fp32 and PyTorch; builder.precision is "
+            f"{cfg.builder.precision}: run `make finetune` with builder=int8_cpu or builder=int4_cpu first"
+        )
     # The pipeline's own model (the shipped default: SmolLM2-135M), in its three forms.
     pipeline = {
-        "int4_onnx": stage_dir("quantize") / "model",
-        "fp32_onnx": build_onnx(cfg, "fp32_cpu", stage_dir("merge") / "model", BENCH_DIR / "pipeline_fp32"),
+        onnx_metrics_key(cfg.builder.precision): stage_dir("quantize") / "model",
+        "fp32_onnx": build_plain(cfg, "fp32_cpu", stage_dir("merge") / "model", BENCH_DIR / "pipeline_fp32"),
         "pytorch": stage_dir("merge") / "model",
     }
     out["pipeline"] = {"model": cfg.model.name, **measure_all(pipeline, prompts, args)}
@@ -151,6 +151,51 @@ def _rendered_splits(cfg, base: str, work: Path) -> None:
         olive_config.render_split(
             cfg.data, read_split(stage_dir("prepare") / f"{split}.jsonl"), eos, work / f"{split}.jsonl"
         )
+
+
+def training_dtypes(steps: int, dtypes: list[str]) -> dict:
+    """Steady seconds per step of the train stage's Olive LoRA pass with the frozen base in each of `dtypes`
+    (train.torch_dtype; the LoRA weights and optimizer state stay fp32 in every case, PEFT's default), on the
+    same batches, N and 2N steps each, interleaved by step count."""
+    cfg = load_params()
+    base = read_json(stage_dir("base") / "base.json")["model_path"]
+    work = (BENCH_DIR / "train_dtypes").resolve()
+    _rendered_splits(cfg, base, work)
+    olive = olive_command(work)
+    seconds: dict[str, dict[int, float]] = {d: {} for d in dtypes}
+    losses: dict[str, list] = {}
+    for n in (steps, 2 * steps):
+        for dtype in dtypes:
+            run_cfg = copy.deepcopy(cfg)
+            t = run_cfg.train
+            t.max_steps, t.eval_steps, t.logging_steps = n, n, min(t.logging_steps, n)
+            t.torch_dtype = dtype
+            out = work / f"{dtype}{n}"
+            config = olive_config.train_workflow(run_cfg, base, work / "train.jsonl", work / "val.jsonl", out)
+            path = work / f"{dtype}{n}.json"
+            path.write_text(json.dumps(config, indent=2))
+            seconds[dtype][n], _ = _timed([*olive, str(path)])
+            (state,) = (out / "checkpoints").glob("checkpoint-*/trainer_state.json")
+            losses[f"{dtype}/{n}"] = [
+                round(e["loss"], 4) for e in json.loads(state.read_text())["log_history"] if "loss" in e
+            ]
+            log.info("%d steps, base in %s: %.1f s", n, dtype, seconds[dtype][n])
+    shutil.rmtree(work, ignore_errors=True)
+    result: dict = {"steps": [steps, 2 * steps], "batch_size": cfg.train.batch_size, "model": cfg.model.name}
+    for dtype, times in seconds.items():
+        result[dtype] = {
+            "seconds": {str(n): round(s, 1) for n, s in times.items()},
+            "seconds_per_step": round((times[2 * steps] - times[steps]) / steps, 3),
+        }
+    result["logged_loss"] = losses
+    if "float32" in seconds:
+        for dtype in dtypes:
+            if dtype != "float32":
+                ratio = result["float32"]["seconds_per_step"] / result[dtype]["seconds_per_step"]
+                result[f"{dtype}_speedup_vs_fp32"] = round(ratio, 2)
+    result.update(machine=bench.machine(), load_average=round(os.getloadavg()[0], 2))
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return result
 
 
 def training(steps: int) -> dict:
@@ -278,7 +323,6 @@ def formats(args) -> dict:
     """Each format built from this run's base + adapter by the quantize stage's own build (slmkit.build),
     measured in its own process on the same phrases, beside the peak of the kernel it runs on."""
     from slmkit import formats as fm
-    from slmkit.build import build_onnx
     from slmkit.inference import default_threads, save_prompt_config
 
     cfg = load_params()
@@ -331,6 +375,11 @@ def formats(args) -> dict:
             results[REFERENCE_FORMAT]["batch_ms_per_phrase"] / r["batch_ms_per_phrase"], 2
         )
     chosen = next((name for name, b in builders.items() if b == cfg.builder), None)
+    tokens = round(results[REFERENCE_FORMAT]["prompt_tokens_per_phrase"])
+    profiles = {}
+    for name in dict.fromkeys([REFERENCE_FORMAT, *([chosen] if chosen else []), "fp32"]):
+        profiles[name] = fm.profile_prompt(paths[name], cfg.evaluate.batch_size, tokens, threads)
+        log.info("%s prompt pass: %s", name, profiles[name])
     out: dict = {
         "machine": {**bench.machine(), "features": fm.cpu_features()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -342,6 +391,7 @@ def formats(args) -> dict:
         "reference": REFERENCE_FORMAT,
         "parity_tolerance": tolerance,
         "chosen": chosen,
+        "prompt_profile": profiles,
     }
     if chosen:
         out["classify_speedup_vs_int4_reference"] = results[chosen]["speedup_vs_int4_reference"]
@@ -349,15 +399,60 @@ def formats(args) -> dict:
     return out
 
 
+def family(args) -> dict:
+    """The recipe (conf/'s default, or --recipe overrides of it) over sweep.family's runs, each a DVC experiment:
+    each run's built model against its merged model, the gap the parity gate judges."""
+    from slmkit import sweep
+    from slmkit.inference import default_threads
+
+    cfg = load_params()
+    recipe = list(args.recipe or [])
+    rows: dict = {}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    members = sweep.family(cfg.data.path)
+    for name, overrides, files in members:
+        job_cfg = compose([*recipe, *overrides])
+        slug = sweep.experiment_name("family", len(rows)) + f"-{stamp}"
+        log.info("family run %d/%d: %s %s", len(rows) + 1, len(members), name, " ".join(recipe + overrides))
+        result = sweep.run_job(
+            job_cfg, [*recipe, *overrides], BENCH_DIR / "family" / slug, slug, default_threads(), files=files
+        )
+        metrics, key = result["metrics"], result["objective_model"]
+        built, merged = metrics[key]["accuracy"], metrics["merged_pytorch"]["accuracy"]
+        rows[name] = {
+            "overrides": overrides,
+            "model": key,
+            "accuracy": built,
+            "merged_accuracy": merged,
+            "gap_points": round(100 * (merged - built), 2),
+            "verdict": metrics["gate"]["verdict"],
+            "seconds": result["seconds"],
+        }
+        log.info("%s: %s", name, rows[name])
+    gaps = [r["gap_points"] for r in rows.values()]
+    return {
+        "recipe": recipe or "default",
+        "builder": dataclasses.asdict(compose(recipe).builder),
+        "runs": rows,
+        "worst_gap_points": max(gaps),
+        "mean_gap_points": round(sum(gaps) / len(gaps), 2),
+        "all_pass": all(r["verdict"] == "passed" for r in rows.values()),
+        "parity_tolerance_points": round(100 * cfg.evaluate.parity_tolerance, 2),
+        "machine": bench.machine(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def serving(args) -> dict:
-    """Batched vs one-at-a-time classification (both backends), then `slmkit serve` under load (int4)."""
+    """Batched vs one-at-a-time classification (both backends), then `slmkit serve` under load (the built model)."""
     cfg = load_params()
     texts = [e.text for e in read_split(stage_dir("prepare") / "test.jsonl")]
     phrases = _all_phrases(args.batch_phrases)
     out: dict = {"machine": bench.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    models = {"int4_onnx": stage_dir("quantize") / "model", "merged_pytorch": stage_dir("merge") / "model"}
+    built = onnx_metrics_key(cfg.builder.precision)  # the pipeline's ONNX model (int8_onnx by default)
+    models = {built: stage_dir("quantize") / "model", "merged_pytorch": stage_dir("merge") / "model"}
     runs = {
-        "int4_onnx": [(None, "constrained"), (1, "constrained"), (None, "stop")],
+        built: [(None, "constrained"), (1, "constrained"), (None, "stop")],
         "merged_pytorch": [(None, "constrained")],
     }
     out["batch_vs_loop"] = {}
@@ -367,7 +462,7 @@ def serving(args) -> dict:
             out["batch_vs_loop"].setdefault(name, []).append(result)
             log.info("%s batched vs one at a time: %s", name, result)
     port = bench.free_port()
-    server = bench.start_server(models["int4_onnx"], port, ["--queue-size", str(max(args.concurrency) * 2)])
+    server = bench.start_server(models[built], port, ["--queue-size", str(max(args.concurrency) * 2)])
     # (--queue-size: room for every client, so the figures are of serving, not of refusing)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -380,7 +475,7 @@ def serving(args) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    out["load_settings"] = {"model": "int4_onnx", "phrases_per_request": 1, "server": "slmkit serve (defaults)"}
+    out["load_settings"] = {"model": built, "phrases_per_request": 1, "server": "slmkit serve (defaults)"}
     return out
 
 
@@ -408,7 +503,16 @@ def run() -> None:
     parser.add_argument(
         "--formats", action="store_true", help="each number format's accuracy and speed beside its kernel's peak"
     )
+    parser.add_argument(
+        "--family", action="store_true", help="the recipe over neighbouring runs (ranks, data, seeds): each gap"
+    )
+    parser.add_argument("--recipe", nargs="*", help="--family: overrides of the recipe to test (default: params.yaml)")
     parser.add_argument("--format-threads", type=int, default=None, help="--formats: threads (default: one per core)")
+    parser.add_argument(
+        "--train-dtypes",
+        default=None,
+        help="--train: instead, the train stage with the frozen base in each of these dtypes (float32,bfloat16)",
+    )
     parser.add_argument("--train-steps", type=int, default=20, help="--train: N of the N and 2N step runs")
     parser.add_argument("--batch-phrases", type=int, default=1000, help="--serve, --formats: phrases classified")
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16])
@@ -421,10 +525,14 @@ def run() -> None:
         results["overhead"] = overhead()
     elif args.serve:
         results["serving"] = serving(args)
+    elif args.train and args.train_dtypes:
+        results["training_dtypes"] = training_dtypes(args.train_steps, args.train_dtypes.split(","))
     elif args.train:
         results["training"] = training(args.train_steps)
     elif args.formats:
         results["formats"] = formats(args)
+    elif args.family:
+        results.setdefault("family", {})[" ".join(args.recipe or []) or "default"] = family(args)
     else:
         results.update(latency(args))
     write_json(args.out, results)

@@ -164,6 +164,15 @@ def test_bad_override_is_config_error_naming_the_key(overrides: list[str], key: 
     assert key in str(err.value)
 
 
+# A valid int4 builder section (the default builder is int8), for the int4 value checks below.
+INT4 = [
+    "builder.precision=int4",
+    "builder.int4_block_size=32",
+    "builder.int4_accuracy_level=4",
+    "builder.int4_algo=default",
+]
+
+
 # The same rules through validate() (what load_params uses): cheaper than a Hydra compose per case.
 @pytest.mark.parametrize(
     ("dotlist", "key"),
@@ -195,9 +204,9 @@ def test_bad_override_is_config_error_naming_the_key(overrides: list[str], key: 
         (["train.torch_dtype=float8"], "train.torch_dtype"),
         (["builder.precision=int3"], "builder.precision"),
         (["builder.execution_provider=tpu"], "builder.execution_provider"),
-        (["builder.precision=int4", "builder.int4_block_size=32", "builder.int4_accuracy_level=4", "builder.int4_algo=default", "builder.int4_block_size=33"], "builder.int4_block_size"),
-        (["builder.precision=int4", "builder.int4_block_size=32", "builder.int4_accuracy_level=4", "builder.int4_algo=default", "builder.int4_accuracy_level=5"], "builder.int4_accuracy_level"),
-        (["builder.precision=int4", "builder.int4_block_size=32", "builder.int4_accuracy_level=4", "builder.int4_algo=default", "builder.int4_algo=gptq"], "builder.int4_algo"),
+        ([*INT4, "builder.int4_block_size=33"], "builder.int4_block_size"),
+        ([*INT4, "builder.int4_accuracy_level=5"], "builder.int4_accuracy_level"),
+        ([*INT4, "builder.int4_algo=gptq"], "builder.int4_algo"),
         (["evaluate.max_new_tokens=0"], "evaluate.max_new_tokens"),
         (["evaluate.decoding=beam"], "evaluate.decoding"),
         (["evaluate.parity_tolerance=-0.01"], "evaluate.parity_tolerance"),

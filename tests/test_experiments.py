@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workspace import make, run, run_group
+from workspace import BUILT, make, run, run_group
 
 from slmkit import load
 from slmkit.config import load_params
@@ -51,7 +51,7 @@ def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(private_r
         assert {"prepare", "base"} <= set(r["stages"]["reused"]), r["stages"]
         assert "train" in r["stages"]["ran"] and "base" not in r["stages"]["ran"]
         assert r["threads"] == 1  # 2 jobs on 2 cores: one thread each
-        m = r["metrics"]["int4_onnx"]
+        m = r["metrics"][BUILT]
         # A share of the test phrases, rounded to 4 decimals.
         assert m["n"] == n_test and abs(m["accuracy"] * n_test - round(m["accuracy"] * n_test)) <= 5e-5 * n_test, m
     pick = best(results)
@@ -63,9 +63,9 @@ def test_parallel_sweep_runs_separate_dvc_experiments_reusing_upstream(private_r
         assert params["lora"]["r"] == int(r["overrides"][0].split("=")[1])
         assert params["train"]["max_steps"] == 20
         metrics = exps[r["name"]]["metrics"]["metrics/eval.json"]["data"]
-        assert metrics["int4_onnx"]["accuracy"] == r["metrics"]["int4_onnx"]["accuracy"]
+        assert metrics[BUILT]["accuracy"] == r["metrics"][BUILT]["accuracy"]
         # Each experiment carries the gate's verdict on its own figures, refused or not.
-        gap = metrics["merged_pytorch"]["accuracy"] - metrics["int4_onnx"]["accuracy"]
+        gap = metrics["merged_pytorch"]["accuracy"] - metrics[BUILT]["accuracy"]
         assert metrics["gate"]["verdict"] == ("passed" if gap <= 0.02 + 1e-9 else "refused"), metrics["gate"]
     # The jobs' clones are gone; the workspace's params are untouched by the jobs.
     assert not list(_latest_sweep(private_run).glob("*/ws"))
@@ -112,7 +112,7 @@ def test_a_failed_job_is_listed_and_the_other_jobs_go_on(private_run: Path):
     assert proc.returncode != 0
     failed, done = sorted(collect(_latest_sweep(private_run)), key=lambda r: r["overrides"][0])
     assert failed["overrides"] == ["data.path=data/missing.jsonl"] and "missing.jsonl" in failed["failed"]
-    assert "failed" not in done and done["objective"] == done["metrics"]["int4_onnx"]["accuracy"]
+    assert "failed" not in done and done["objective"] == done["metrics"][BUILT]["accuracy"]
     assert "1 of 2 jobs failed" in proc.stdout + proc.stderr
     assert "| ✗ |" in proc.stdout and "| ★ |" in proc.stdout
 
@@ -161,7 +161,7 @@ def test_qlora_adapter_goes_to_int4_through_the_full_precision_merge(private_run
     assert (private_run / "artifacts/quantize/model/model.onnx").is_file()
     metrics = json.loads((private_run / "metrics/eval.json").read_text())
     verdict = json.loads((private_run / "artifacts/evaluate/gate.json").read_text())
-    assert verdict["accuracy"] == metrics["int4_onnx"]["accuracy"]
+    assert verdict["accuracy"] == metrics[BUILT]["accuracy"]
     assert verdict["reference_accuracy"] == metrics["merged_pytorch"]["accuracy"]
     assert verdict["verdict"] == ("loose" if verdict["gap"] <= 0.5 else "refused"), verdict
     # Not what users get: classify and `make finetune`'s last step refuse it.

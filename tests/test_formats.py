@@ -44,3 +44,9 @@ def test_classify_run_measures_both_runtimes_on_the_same_phrases(tiny_model_dirs
         assert r["labels_identical_one_at_a_time"] is True
         assert r["batch_ms_per_phrase"] > 0 and r["decode_tokens_per_s"] > 0
         assert r["prompt_gflops"] > 0 and r["prompt_tokens_per_phrase"] > 2
+
+
+def test_prompt_profile_splits_the_time_by_operator(tiny_model_dirs):
+    p = formats.profile_prompt(tiny_model_dirs["onnx"], rows=2, tokens=5, threads=1, passes=2)
+    assert p["ms_per_pass"] > 0 and 0.9 <= sum(p["share_by_op"].values()) <= 1.01
+    assert "MatMulNBits" in p["share_by_op"]  # the tiny folder is int4

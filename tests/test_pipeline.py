@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from workspace import VENV, make, run
+from workspace import BUILT, VENV, make, run
 
 from slmkit import gate
 from slmkit.config import compose, load_params
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_finetune_ends_with_model_and_accuracy(finished_run: Path):
     out = (finished_run / "finetune.log").read_text()
     assert "artifacts/quantize/model" in out
-    assert "int4_onnx" in out and "Test accuracy" in out
+    assert BUILT in out and "Test accuracy" in out
 
 
 def test_every_stage_wrote_its_folder_with_lineage(finished_run: Path):
@@ -85,7 +85,7 @@ def test_eval_metrics(finished_run: Path):
     metrics = json.loads((finished_run / "metrics/eval.json").read_text())
     n_test = json.loads((finished_run / "artifacts/prepare/manifest.json").read_text())["splits"]["test"]["count"]
     labels = compose().data.labels
-    for name in ("int4_onnx", "merged_pytorch", "bag_of_words"):
+    for name in (BUILT, "merged_pytorch", "bag_of_words"):
         assert metrics[name]["n"] == n_test
         assert 0 <= metrics[name]["accuracy"] <= 1
     chance = 1 / len(labels)
@@ -93,15 +93,15 @@ def test_eval_metrics(finished_run: Path):
     assert metrics["merged_pytorch"]["accuracy"] > chance + 0.1
     preds = [json.loads(line) for line in (finished_run / "artifacts/evaluate/predictions.jsonl").open()]
     assert len(preds) == n_test
-    assert {p["int4_onnx_pred"] for p in preds} <= {*labels, None}
+    assert {p[f"{BUILT}_pred"] for p in preds} <= {*labels, None}
     # Each accuracy is what the predictions say, phrase by phrase.
-    for name in ("int4_onnx", "merged_pytorch"):
+    for name in (BUILT, "merged_pytorch"):
         correct = sum(p[f"{name}_pred"] == p["label"] for p in preds)
         assert metrics[name]["accuracy"] == pytest.approx(correct / n_test, abs=5e-5), name  # 4 decimals
     # The gate's verdict is on these figures and on the model in place, and it lets the model ship.
     verdict = json.loads((finished_run / "artifacts/evaluate/gate.json").read_text())
     assert verdict["verdict"] == "passed", verdict
-    assert verdict["accuracy"] == metrics["int4_onnx"]["accuracy"]
+    assert verdict["accuracy"] == metrics[BUILT]["accuracy"]
     assert verdict["reference_accuracy"] == metrics["merged_pytorch"]["accuracy"]
     assert gate.check(finished_run / "artifacts/quantize/model") == verdict
 

@@ -1,4 +1,4 @@
-"""Slow tier: what ships with a run — the parity gate on a broken int4 model, the report, the benchmark, the CLI."""
+"""Slow tier: what ships with a run — the parity gate on a broken model, the report, the benchmark, the CLI."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from workspace import _env, run
+from workspace import BUILT, _env, run
 
 from slmkit.config import compose
 
 pytestmark = pytest.mark.slow
 
 
-def test_parity_gate_refuses_an_int4_model_built_from_the_untrained_base(finished_run: Path, tmp_path: Path):
-    """Swap in an int4 model that ModelBuilder made from the base (no adapter): evaluate records a refusal
+def test_parity_gate_refuses_a_model_built_from_the_untrained_base(finished_run: Path, tmp_path: Path):
+    """Swap in a model built from the base (no adapter): evaluate records a refusal
     naming both figures, and the model is not what classify or `make finetune`'s gate check give users."""
-    from slmkit import olive_config, olive_run
+    from slmkit.build import build_onnx
     from slmkit.config import load_params
     from slmkit.inference import save_prompt_config
 
@@ -30,9 +30,10 @@ def test_parity_gate_refuses_an_int4_model_built_from_the_untrained_base(finishe
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
     cfg = load_params(ws / "params.yaml")
     work = tmp_path / "olive"
-    olive_run.run_workflow(olive_config.quantize_workflow(cfg, ws / "artifacts/base/model", work), work, "int4 of base")
+    base = ws / "artifacts/base/model"  # built as the quantize stage builds, from the base: no fine-tuning in it
+    output = build_onnx(cfg, work, base, None, base)
     broken = ws / "artifacts/quantize/model"
-    shutil.copytree(work / "output", broken)
+    shutil.copytree(output, broken)
     shutil.copy2(finished_run / "artifacts/quantize/lineage.json", broken.parent)
     save_prompt_config(cfg.data, broken)
 
@@ -41,17 +42,17 @@ def test_parity_gate_refuses_an_int4_model_built_from_the_untrained_base(finishe
     )
     assert result.returncode == 0, result.stderr[-3000:]  # recorded, not raised
     metrics = json.loads((ws / "metrics/eval.json").read_text())
-    int4, merged = metrics["int4_onnx"]["accuracy"], metrics["merged_pytorch"]["accuracy"]
-    assert merged - int4 > cfg.evaluate.parity_tolerance
+    built, merged = metrics[BUILT]["accuracy"], metrics["merged_pytorch"]["accuracy"]
+    assert merged - built > cfg.evaluate.parity_tolerance
     assert metrics["gate"]["verdict"] == "refused"
     verdict = json.loads((ws / "artifacts/evaluate/gate.json").read_text())
-    assert verdict["verdict"] == "refused" and verdict["accuracy"] == int4
+    assert verdict["verdict"] == "refused" and verdict["accuracy"] == built
     # `make finetune` ends with this check: it fails, naming both figures.
     gate = subprocess.run(
         [sys.executable, "-m", "slmkit.cli", "gate"], cwd=ws, env=_env(), capture_output=True, text=True, timeout=300
     )
     assert gate.returncode == 1 and "parity gate refused it" in gate.stderr
-    assert f"{int4:.4f}" in gate.stderr and f"{merged:.4f}" in gate.stderr, gate.stderr[-2000:]
+    assert f"{built:.4f}" in gate.stderr and f"{merged:.4f}" in gate.stderr, gate.stderr[-2000:]
     # The refused model is not what users get: classify names the verdict and how to use it anyway.
     cmd = [sys.executable, "-m", "slmkit.cli", "classify", "I can't stop smiling"]
     refused = subprocess.run(cmd, cwd=ws, env=_env(), capture_output=True, text=True, timeout=300)
@@ -63,7 +64,7 @@ def test_parity_gate_refuses_an_int4_model_built_from_the_untrained_base(finishe
 def test_eval_has_three_models_in_depth_and_confusion_plots(finished_run: Path):
     metrics = json.loads((finished_run / "metrics/eval.json").read_text())
     labels = compose().data.labels
-    for name in ("base_pytorch", "merged_pytorch", "int4_onnx"):
+    for name in ("base_pytorch", "merged_pytorch", BUILT):
         m = metrics[name]
         assert set(m["per_class"]) == set(labels)
         assert 0 <= m["macro_f1"] <= 1
@@ -75,10 +76,10 @@ def test_eval_has_three_models_in_depth_and_confusion_plots(finished_run: Path):
     # Times differ on every run: in the run record, not in the DVC metrics (whose hash would change each time).
     assert "seconds" not in json.dumps(metrics)
     timings = json.loads((finished_run / "artifacts/runs/evaluate/timings.json").read_text())["seconds_per_example"]
-    assert set(timings) == {"base_pytorch", "merged_pytorch", "int4_onnx"}
+    assert set(timings) == {"base_pytorch", "merged_pytorch", BUILT}
     assert all(t["constrained"] > 0 for t in timings.values())
     shown = run([str(Path(sys.executable).with_name("dvc")), "plots", "show", "--json"], finished_run).stdout
-    assert "metrics/confusion/int4_onnx.csv" in shown
+    assert f"metrics/confusion/{BUILT}.csv" in shown
 
 
 def test_report_is_one_self_contained_page(private_run: Path):
@@ -86,7 +87,7 @@ def test_report_is_one_self_contained_page(private_run: Path):
     page = (private_run / "reports/report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2  # confusion matrices + loss curve
     assert "<img" in page and 'src="http' not in page
-    for needle in ("base_pytorch", "merged_pytorch", "int4_onnx", "macro-F1", "Lineage", "params.yaml"):
+    for needle in ("base_pytorch", "merged_pytorch", BUILT, "macro-F1", "Lineage", "params.yaml"):
         assert needle in page
 
 
@@ -96,14 +97,16 @@ def test_bench_runs_and_writes_ratios(private_run: Path, tmp_path: Path):
     args = ["--phrases", "2", "--repeats", "1", "--decode-tokens", "4", "--layout", "64,1,2,128,2112"]
     run([sys.executable, "scripts/bench.py", *args, "--out", str(out)], private_run)
     bench = json.loads(out.read_text())
-    for size in ("pipeline", "medium"):
-        for name in ("int4_onnx", "fp32_onnx", "pytorch"):
+    # The pipeline's own model as its builder made it (int8 by default); the medium model in int4.
+    for size, built in (("pipeline", BUILT), ("medium", "int4_onnx")):
+        for name in (built, "fp32_onnx", "pytorch"):
             m = bench[size][name]
             assert (
                 m["latency_p50_ms"] > 0 and m["decode_tokens_per_s"] > 0 and m["size_mb"] > 0 and m["peak_rss_mb"] > 0
             )
             assert m["device"] == "cpu"
-        assert bench[size]["ratios"]["int4_size_share_of_fp32_onnx"] < 1
+        quantized = built.removesuffix("_onnx")
+        assert bench[size]["ratios"][f"{quantized}_size_share_of_fp32_onnx"] < 1
     assert bench["machine"]["cores"] >= 1
 
 

@@ -218,3 +218,19 @@ def test_the_pick_is_the_best_job_the_gate_passed_and_refusals_are_listed(tmp_pa
     assert sweep.best(sweep.collect(tmp_path))["name"] == "s-1"
     assert sweep.failed(sweep.collect(tmp_path)) == []  # a refusal is a result, not a failure
     assert sweep.best([_result("s-0", 0.8, 0.9, "refused")]) is None
+
+
+def test_family_is_the_default_two_ranks_two_seeds_and_the_data_without_its_first_percent(tmp_path: Path):
+    data = tmp_path / "tones.jsonl"
+    data.write_text("".join(f'{{"phrase": "p{i}", "tone": "Joy"}}\n' for i in range(250)))
+    members = sweep.family(str(data))
+    names = [m[0] for m in members]
+    assert names == ["default", "lora.r=4", "lora.r=8", sweep.WITHOUT_FIRST_1PCT, "seed=1", "seed=2"]
+    name, overrides, files = members[3]
+    (variant, text), = files.items()
+    assert overrides == [f"data.path={variant}"] and variant != str(data)
+    lines = text.splitlines()
+    assert len(lines) == 247 and lines[0] == '{"phrase": "p3", "tone": "Joy"}'  # 1 % of 250, rounded up: 3
+    assert all(not m[2] for i, m in enumerate(members) if i != 3)
+    for _, overrides, _ in members:  # each a valid config
+        compose(overrides)

@@ -23,6 +23,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
 
 
+def _built_key() -> str:
+    from slmkit.config import compose
+    from slmkit.paths import onnx_metrics_key
+
+    return onnx_metrics_key(compose(["experiment=tiny"]).builder.precision)
+
+
+# metrics/eval.json's key for the ONNX model the finished tiny run built (int8_onnx: the default builder's).
+BUILT = _built_key()
+
+
 # Looks like a Hugging Face token, never a real one: the finished run's stages all run with it set, so a
 # test can look for it in every output, record and log (tests/test_faults_pipeline.py).
 FAKE_TOKEN = "hf_" + "Kw7" * 12

@@ -222,14 +222,16 @@ def measure_in_subprocess(path: Path, prompts: list[str], **settings) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def ratios(int4: dict, torch: dict, fp32_onnx: dict) -> dict:
+def ratios(name: str, built: dict, torch: dict, fp32_onnx: dict) -> dict:
+    """The quantized ONNX model (`name`: int8_onnx, int4_onnx) against PyTorch and fp32 ONNX."""
+    q = name.removesuffix("_onnx")
     return {
-        "int4_vs_torch_decode_speedup": round(int4["decode_tokens_per_s"] / torch["decode_tokens_per_s"], 2),
-        "int4_vs_torch_latency_speedup": round(torch["latency_p50_ms"] / int4["latency_p50_ms"], 2),
-        "int4_vs_fp32_onnx_decode_speedup": round(int4["decode_tokens_per_s"] / fp32_onnx["decode_tokens_per_s"], 2),
-        "int4_size_share_of_fp32_onnx": round(int4["size_mb"] / fp32_onnx["size_mb"], 3),
-        "int4_size_share_of_torch": round(int4["size_mb"] / torch["size_mb"], 3),
-        "int4_vs_torch_peak_rss": round(int4["peak_rss_mb"] / torch["peak_rss_mb"], 3),
+        f"{q}_vs_torch_decode_speedup": round(built["decode_tokens_per_s"] / torch["decode_tokens_per_s"], 2),
+        f"{q}_vs_torch_latency_speedup": round(torch["latency_p50_ms"] / built["latency_p50_ms"], 2),
+        f"{q}_vs_fp32_onnx_decode_speedup": round(built["decode_tokens_per_s"] / fp32_onnx["decode_tokens_per_s"], 2),
+        f"{q}_size_share_of_fp32_onnx": round(built["size_mb"] / fp32_onnx["size_mb"], 3),
+        f"{q}_size_share_of_torch": round(built["size_mb"] / torch["size_mb"], 3),
+        f"{q}_vs_torch_peak_rss": round(built["peak_rss_mb"] / torch["peak_rss_mb"], 3),
     }
 
 

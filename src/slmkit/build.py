@@ -12,7 +12,7 @@ from slmkit import int8, olive_config, olive_run
 from slmkit.config import Config
 
 
-def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path, merged: Path) -> Path:
+def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path | None, merged: Path) -> Path:
     """Build cfg.builder's ONNX model in `work`; return the folder (Olive's output, checked).
 
     builder.adapter=separate builds from `base_path` + `adapter` (the LoRA branches beside the base, in full
@@ -20,6 +20,8 @@ def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path, me
     log_path = work / "olive.log"
     b = cfg.builder
     if b.adapter == "separate":
+        if adapter is None:
+            raise ValueError("builder.adapter=separate needs the adapter")
         workflow = olive_config.quantize_workflow(cfg, base_path, work, adapter)
     else:
         workflow = olive_config.quantize_workflow(cfg, merged, work)
@@ -34,7 +36,7 @@ def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path, me
         int8.check_int8(output, int8.quantize(output, list(b.exclude), work), log_path)
     if b.exclude:
         olive_run.check_excluded(output, list(b.exclude), log_path)
-    if b.adapter == "separate":
+    if b.adapter == "separate" and adapter is not None:
         names = olive_run.tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
         matrices = [n for n in names if "lora_A" in n or "lora_B" in n]
         olive_run.check_lora_branches(output, len(matrices), log_path)

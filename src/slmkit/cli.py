@@ -17,8 +17,15 @@ DEFAULT_MODEL = stage_dir("quantize") / "model"
 PRINT_CHUNK = 1024
 API_KEY_ENV = "SLMKIT_API_KEY"
 UNGATED = "use the pipeline's model even though the parity gate did not pass it (slmkit gate says why)"
-MODELS_HELP = "a model folder, or int4 (default), merged or base (the pipeline's outputs)"
-MODEL_NAMES = {"int4": DEFAULT_MODEL, "onnx": DEFAULT_MODEL, "merged": stage_dir("merge") / "model", "base": None}
+MODELS_HELP = "a model folder, or onnx (default: the built model, int8 or int4 by builder), merged or base"
+# int4 and int8: earlier names of `onnx`, whatever precision the builder gave it (lineage.json says which).
+MODEL_NAMES = {
+    "onnx": DEFAULT_MODEL,
+    "int8": DEFAULT_MODEL,
+    "int4": DEFAULT_MODEL,
+    "merged": stage_dir("merge") / "model",
+    "base": None,
+}
 
 
 def _resolve_model(name: str) -> tuple[Path, object]:
@@ -302,7 +309,7 @@ def _input_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("text", nargs="*", help=f"{what}(s); else --file, else stdin (one per line)")
     parser.add_argument("--file", type=Path, help=f"{what}s, one per line: plain text or JSON lines")
     parser.add_argument("--text-key", help=f"JSON lines: the field holding the {what} (default: the first text field)")
-    parser.add_argument("--model", default="int4", help=MODELS_HELP)
+    parser.add_argument("--model", default="onnx", help=MODELS_HELP)
     parser.add_argument("--ungated", action="store_true", help=UNGATED)
     parser.add_argument(
         "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help=f"{what}s per forward pass (%(default)s)"
@@ -331,14 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(func=_generate, what="questions")
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
     c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
-    c.add_argument("--model", default="int4", help=models)
+    c.add_argument("--model", default="onnx", help=models)
     c.add_argument("--ungated", action="store_true", help=UNGATED)
     c.add_argument("--raw", action="store_true", help="send the text as is, not inside the training prompt")
     c.add_argument("--max-new-tokens", type=int, default=64)
     c.add_argument("--json", action="store_true", help="one JSON object per reply")
     c.set_defaults(func=_chat)
     v = sub.add_parser("serve", help="the model behind an HTTP JSON API: POST /classify, GET /health")
-    v.add_argument("--model", default="int4", help=models)
+    v.add_argument("--model", default="onnx", help=models)
     v.add_argument("--ungated", action="store_true", help=UNGATED)
     v.add_argument("--host", default="127.0.0.1", help="%(default)s: this machine only; 0.0.0.0 to expose it")
     v.add_argument("--port", type=int, default=8000)

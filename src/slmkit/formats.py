@@ -7,6 +7,7 @@
   accuracy on the test split, batched, constrained decoding; the same phrases one at a time (the labels must
   be the same) and with stop decoding; batched ms/phrase over many phrases; the prompt's GFLOP/s from the
   model's projection sizes and the tokens it read; decode tokens/s (64 tokens, greedy); peak memory; size.
+- profile_prompt: where an ONNX model's batched prompt pass spends its time, by operator (onnxruntime's profiler).
 """
 
 from __future__ import annotations
@@ -177,6 +178,59 @@ def classify_run(
         "threads": threads,
         "batch_size": batch_size,
         "load_average": round(os.getloadavg()[0], 2),
+    }
+
+
+def profile_prompt(path: Path, rows: int, tokens: int, threads: int, passes: int = 5) -> dict:
+    """Where one batched prompt pass of an ONNX model spends its time: onnxruntime's profiler over the decoder
+    graph (`rows` prompts of `tokens` tokens, no cache), as shares of the kernels' time by operator type, and
+    the full-precision MatMuls split into the down projections, LoRA branches and the rest."""
+    import collections
+
+    import numpy as np
+    import onnxruntime as ort
+
+    model = json.loads((path / "genai_config.json").read_text())["model"]
+    decoder = {**model["decoder"], "vocab_size": model["vocab_size"]}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feeds = {
+            "input_ids": rng.integers(0, decoder["vocab_size"], (rows, tokens), dtype=np.int64),
+            "attention_mask": np.ones((rows, tokens), np.int64),
+        }
+        empty = np.zeros((rows, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+        for i in range(decoder["num_hidden_layers"]):
+            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        names = {i.name for i in session.get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in names}
+        start = time.perf_counter()
+        for _ in range(passes):
+            session.run(None, feeds)
+        seconds = (time.perf_counter() - start) / passes
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: collections.Counter = collections.Counter()
+    matmul: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        op = e["args"]["op_name"]
+        by_op[op] += e["dur"]
+        if op == "MatMul":
+            part = "lora" if "/lora_" in e["name"] else "down_proj" if "/down_proj/" in e["name"] else "other"
+            matmul[part] += e["dur"]
+    total = sum(by_op.values())
+    return {
+        "rows": rows,
+        "tokens": tokens,
+        "threads": threads,
+        "ms_per_pass": round(1000 * seconds, 1),
+        "share_by_op": {k: round(v / total, 3) for k, v in by_op.most_common() if v / total >= 0.001},
+        "fp32_matmul_share": {k: round(v / total, 3) for k, v in matmul.most_common()},
     }
 
 

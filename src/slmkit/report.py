@@ -56,6 +56,12 @@ def confusion_figure(models: dict[str, dict]):
     return fig
 
 
+def _formats(section: dict) -> list[str]:
+    """The models a bench section measured: PyTorch, then the ONNX formats (fp32_onnx, int8_onnx, int4_onnx)."""
+    onnx = sorted((k for k in section if k.endswith("_onnx")), key=lambda k: (k != "fp32_onnx", k))
+    return [n for n in ("pytorch", *onnx) if n in section]
+
+
 def bench_figure(bench: dict):
     """Decode speed and size on disk for each model format, the pipeline's model and the medium one side by side."""
     import matplotlib.pyplot as plt
@@ -63,8 +69,8 @@ def bench_figure(bench: dict):
     sizes = [s for s in ("pipeline", "medium") if s in bench]
     fig, axes = plt.subplots(2, len(sizes), figsize=(4.6 * len(sizes), 6.0), squeeze=False)
     for col, size in enumerate(sizes):
-        names = [n for n in ("pytorch", "fp32_onnx", "int4_onnx") if n in bench[size]]
-        colors = ["#888888", "#4c72b0", "#dd8452"][: len(names)]
+        names = _formats(bench[size])
+        colors = ["#888888", "#4c72b0", "#dd8452", "#55a868"][: len(names)]
         for row, (key, label) in enumerate(
             (("decode_tokens_per_s", "decode tokens/s"), ("size_mb", "size on disk (MB)"))
         ):
@@ -274,7 +280,7 @@ def render(
         for size in ("pipeline", "medium"):
             if size not in bench:
                 continue
-            names = [n for n in ("pytorch", "fp32_onnx", "int4_onnx") if n in bench[size]]
+            names = _formats(bench[size])
             rows = [[n] + [bench[size][n].get(k, "") for k in keys] for n in names]
             layout = bench[size].get("layout")
             model = bench[size].get("model")

@@ -101,10 +101,42 @@ def stage_report(dvc_output: str) -> dict[str, list[str]]:
     return {"ran": ran, "reused": reused}
 
 
+# The neighbouring runs a recipe's parity gap is measured over (`make bench-family`): the default, two other
+# ranks, the data without its first 1 % of lines, two other seeds (which also split the data differently).
+FAMILY_OVERRIDES = {
+    "default": [],
+    "lora.r=4": ["lora.r=4"],
+    "lora.r=8": ["lora.r=8"],
+    "seed=1": ["seed=1"],
+    "seed=2": ["seed=2"],
+}
+WITHOUT_FIRST_1PCT = "data without its first 1%"
+
+
+def family(data_path: str) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, overrides, files to write into the job's clone) for each run of the family, the data variant
+    (`data_path` without its first 1 % of lines, rounded up, beside it) fourth."""
+    lines = Path(data_path).read_text(encoding="utf-8").splitlines(keepends=True)
+    drop = -(-len(lines) // 100)
+    variant = str(Path(data_path).with_name(f"{Path(data_path).stem}_without_first_1pct{Path(data_path).suffix}"))
+    members = [(name, overrides, {}) for name, overrides in FAMILY_OVERRIDES.items()]
+    members.insert(3, (WITHOUT_FIRST_1PCT, [f"data.path={variant}"], {variant: "".join(lines[drop:])}))
+    return members
+
+
 def run_job(
-    cfg: Config, overrides: list[str], job_dir: Path, name: str, threads: int, root: Path | None = None
+    cfg: Config,
+    overrides: list[str],
+    job_dir: Path,
+    name: str,
+    threads: int,
+    root: Path | None = None,
+    files: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one sweep job as the DVC experiment `name`; return its result record (also in job_dir)."""
+    """Run one sweep job as the DVC experiment `name`; return its result record (also in job_dir).
+
+    `files`: text files to write into the job's clone first (path relative to the repo: content), e.g. a
+    variant of the data that the job's data.path names."""
     root = root or repo_root()
     job_dir.mkdir(parents=True, exist_ok=True)
     ws = job_dir / "ws"
@@ -122,6 +154,9 @@ def run_job(
             ["dvc", "cache", "dir", "--local", str(cache_dir(root))], cwd=ws, check=True, capture_output=True
         )
         (ws / "params.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        for rel, text in (files or {}).items():
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            (ws / rel).write_text(text, encoding="utf-8")
         # Outputs of the baseline (prepare, base, ...) come from the shared cache, so unchanged stages are reused.
         subprocess.run(["dvc", "checkout", "--quiet"], cwd=ws, env=env, capture_output=True, check=False)
         log_path = job_dir / "dvc.log"
