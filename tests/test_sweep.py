@@ -227,7 +227,7 @@ def test_family_is_the_default_two_ranks_two_seeds_and_the_data_without_its_firs
     names = [m[0] for m in members]
     assert names == ["default", "lora.r=4", "lora.r=8", sweep.WITHOUT_FIRST_1PCT, "seed=1", "seed=2"]
     name, overrides, files = members[3]
-    (variant, text), = files.items()
+    ((variant, text),) = files.items()
     assert overrides == [f"data.path={variant}"] and variant != str(data)
     lines = text.splitlines()
     assert len(lines) == 247 and lines[0] == '{"phrase": "p3", "tone": "Joy"}'  # 1 % of 250, rounded up: 3
