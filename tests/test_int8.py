@@ -113,7 +113,22 @@ def test_int8_model_runs_with_genai_and_keeps_fp32s_answers(tiny_model_dirs, tmp
     size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     assert size < 0.6 * sum(f.stat().st_size for f in fp32.glob("model.onnx*"))
     a, b = GenaiModel(fp32, threads=1), GenaiModel(folder, threads=1)
+    # One activation scale per tensor: a row's result depends on its batch mates, so it runs alone.
+    assert a.batch_invariant and not b.batch_invariant
     prompts = [a.encode(t) for t in ("I love this", "This is awful", "Well, fine")]
     la, lb = np.asarray(a.first_logits(prompts[:1])), np.asarray(b.first_logits(prompts[:1]))
     assert la.argmax() == lb.argmax()
     assert np.abs(la - lb).max() < 0.1 * np.abs(la).max()
+
+
+def test_a_batch_dependent_model_classifies_one_prompt_a_pass(tiny_model_dirs):
+    from slmkit.inference import Classifier, GenaiModel, load_prompt_config
+
+    model = GenaiModel(tiny_model_dirs["onnx"], threads=1)
+    clf = Classifier(model, load_prompt_config(tiny_model_dirs["onnx"]), batch_size=4)
+    prompts = ["a", "b", "c", "d", "e"]
+    assert clf.batch_invariant and max(len(b) for b in clf.batches(prompts)) > 1  # int4: batched (one length)
+    clf.batch_invariant = False  # as for an int8 folder (batch_invariant() read its graph)
+    assert clf.batches(prompts) == [[0], [1], [2], [3], [4]]
+    clf.allow_batch_variance = True  # only make bench-formats measures what batching it would give
+    assert max(len(b) for b in clf.batches(prompts)) > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from slmkit.prompt import (
 )
 
 # Written into every model folder the pipeline ships, so a folder is usable on its own.
+log = logging.getLogger(__name__)
+
 PROMPT_FILE = "slmkit_prompt.json"
 # DECODINGS: stop = greedy generation cut at end-of-sequence or the template's stop marker, then parsed
 # (may be invalid); constrained = greedy decoding restricted to the label set's token sequences.
@@ -137,6 +140,21 @@ def _needs_more(token: int):
     raise _NeedsMore
 
 
+# Operators that quantize activations with one scale per tensor at run time (builder=int8_cpu's dynamic
+# quantization): the scale of a batch is its largest value, so a row's result depends on its batch mates.
+PER_TENSOR_ACTIVATION_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul")
+
+
+def batch_invariant(path: Path) -> bool:
+    """Whether a phrase's result in an ONNX model folder is the same in any batch: False when the graph
+    quantizes activations per tensor at run time (measured on the shipped data with the int8 build: batched
+    in 16s, 5 of 189 test labels differed from one phrase at a time)."""
+    import onnx
+
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    return not any(n.op_type in PER_TENSOR_ACTIVATION_OPS for n in graph.node)
+
+
 class GenaiModel:
     """An onnxruntime-genai model folder (genai_config.json), decoded greedily."""
 
@@ -160,6 +178,7 @@ class GenaiModel:
         self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
         # Prompt and new tokens together at most: a longer generator is refused by onnxruntime-genai.
         self.context_length = int(spec["context_length"])
+        self.batch_invariant = batch_invariant(Path(path))
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -274,6 +293,8 @@ class TorchModel:
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
         self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs).eval()
+        # Padded rows agree with a row alone up to fp32 rounding (the labels do: a default test); in bf16 not.
+        self.batch_invariant = dtype in (None, "float32")
         self.eos_id = self.tokenizer.eos_token_id
         # What ends generation: the model's generation config (one id or several), as `generate` reads it.
         eos = self.model.generation_config.eos_token_id
@@ -396,6 +417,11 @@ class Classifier:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: must be >= 1")
         self.batch_size = batch_size
+        # True only to measure what batching a batch-dependent model would give (make bench-formats).
+        self.allow_batch_variance = False
+        self.batch_invariant = getattr(model, "batch_invariant", True)
+        if not self.batch_invariant:
+            log.info("this model's results depend on the batch (activations quantized per tensor): one prompt a pass")
 
     def classify(
         self, texts: list[str], decoding: str | None = None, batch_size: int | None = None, progress=None
@@ -444,7 +470,9 @@ class Classifier:
         padding; each row's result does not depend on its neighbours), and of one length where the
         backend needs it (one_length_batches). size 1 keeps the input order; None: the classifier's."""
         size = size or self.batch_size
-        if size == 1:
+        if size == 1 or not (self.batch_invariant or self.allow_batch_variance):
+            # A model whose rows depend on their batch mates runs one prompt at a time: a label never
+            # depends on what else was asked with it (classify, evaluate and serve alike).
             return [[i] for i in range(len(prompts))]
         lengths = [len(self.model.encode(p)) for p in prompts]
         batches: list[list[int]] = []
