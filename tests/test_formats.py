@@ -50,3 +50,12 @@ def test_prompt_profile_splits_the_time_by_operator(tiny_model_dirs):
     p = formats.profile_prompt(tiny_model_dirs["onnx"], rows=2, tokens=5, threads=1, passes=2)
     assert p["ms_per_pass"] > 0 and 0.9 <= sum(p["share_by_op"].values()) <= 1.01
     assert "MatMulNBits" in p["share_by_op"]  # the tiny folder is int4
+
+
+def test_kernel_note_says_what_a_cpu_without_the_features_falls_back_to(tiny_model_dirs):
+    none = dict.fromkeys(formats.CPU_FEATURES, False)
+    assert "no VNNI" in formats.kernel_note("int8", none) and "fallback" in formats.kernel_note("int8", none)
+    assert "VNNI" in formats.kernel_note("int8", {**none, "avx512_vnni": True})
+    assert "AMX" in formats.kernel_note("int4", {**none, "amx_int8": True, "avx512_vnni": True})
+    assert formats.kernel_note("fp32", {**none, "avx2": True}) == "fp32 projections: AVX2"
+    assert formats.onnx_precision(tiny_model_dirs["onnx"]) == "int4"

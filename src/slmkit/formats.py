@@ -47,6 +47,31 @@ def cpu_features() -> dict[str, bool]:
     return {f: f in flags for f in CPU_FEATURES}
 
 
+def onnx_precision(path: Path) -> str:
+    """int8, int4 or fp32: how an ONNX model folder's projections compute (read from its graph's operators)."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node}
+    if ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}:
+        return "int8"
+    return "int4" if "MatMulNBits" in ops else "fp32"
+
+
+def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
+    """One line on which of this CPU's kernels a model's projections run on, and what they fell back to."""
+    f = features if features is not None else cpu_features()
+    vnni = f.get("avx512_vnni") or f.get("avx_vnni")
+    if precision in ("int8", "int4"):
+        if f.get("amx_int8"):
+            unit = "AMX int8 tiles"
+        elif vnni:
+            unit = "VNNI int8 dot products"
+        else:
+            unit = "no VNNI on this CPU: onnxruntime's AVX2/SSE int8 fallback (several times slower; measure fp32_cpu)"
+        return f"{precision} projections: {unit}"
+    return "fp32 projections: " + ("AVX-512" if f.get("avx512f") else "AVX2" if f.get("avx2") else "SSE fallback")
+
+
 def _rate(fn, flops: float, min_seconds: float) -> float:
     """GFLOP/s of `fn` (one product of `flops`), best of three timed windows after a warm-up."""
     fn()

@@ -178,7 +178,8 @@ class GenaiModel:
         self.eos_id = int(eos[0] if isinstance(eos, list) else eos)
         # Prompt and new tokens together at most: a longer generator is refused by onnxruntime-genai.
         self.context_length = int(spec["context_length"])
-        self.batch_invariant = batch_invariant(Path(path))
+        self.path = Path(path)
+        self.batch_invariant = batch_invariant(self.path)
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]

@@ -588,6 +588,10 @@ def serve(clf: Classifier, settings: ServeSettings, host: str, port: int, model_
 
     # Says whether a key is required, never the key.
     auth = "an API key required" if settings.api_key else "no API key"
+    if clf.model.kind == "onnx":
+        from slmkit.formats import kernel_note, onnx_precision
+
+        log.info("%s", kernel_note(onnx_precision(clf.model.path)))
     log.info(
         "serving %s on http://%s:%d (POST /classify, GET /health, /v1/chat/completions, /v1/models; %s)",
         model_name,
