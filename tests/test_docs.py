@@ -15,7 +15,8 @@ The figure rule (README.md and every docs/*.md page):
   bench, the recorded runs of `make record`), metrics/train_loss.csv, params.yaml or conf/ (config values
   such as a preset's dropout). With a unit, the value must sit under a key for that unit: `ms` under `*_ms`
   keys (or `*_s` keys times 1000), `MB` under `*_mb`, `%` a share, rate or score times 100, `points` an
-  accuracy, macro-F1, exact match, gate gap or tolerance times 100, `×` a ratio, speedup or share, `steps`
+  accuracy, macro-F1, exact match, gate gap or tolerance times 100 (or a `*_points` key as is), `×` a
+  ratio, speedup or share, `steps`
   a steps key, `phrases` under `n`, `phrases`, `batch_size` or `support`. "At the precision written" means
   0.8677 matches 0.86771 and 223 MB matches 223.1: the value is within half a unit of the last digit
   written.
@@ -401,6 +402,8 @@ def _candidates(unit: str, key: str, value: float) -> list[float]:
     if unit == "%":
         return [value * 100] if _is(key, "share", "rate", "accuracy", "f1", "precision", "recall", "fraction") else []
     if unit == "points":
+        if key.endswith("_points"):  # already in points (make bench-family's gaps)
+            return [value]
         return [value * 100] if key.endswith(("accuracy", "macro_f1", "tolerance", "exact_match", "gap")) else []
     if unit == "steps":
         return [value] if "step" in key else []

@@ -25,6 +25,7 @@ from slmkit.prompt import build_completion, build_prompt
 # Builder variants the config allows, to check each produces a valid ModelBuilder config.
 BUILDER_VARIANTS = {
     "default": [],
+    "int4_cpu": ["builder=int4_cpu"],
     "fp32_cpu": ["builder=fp32_cpu"],
     "fp16_cuda": ["builder=fp16_cuda"],
     "int4_cuda": ["builder=int4_cuda"],
@@ -164,7 +165,8 @@ def test_quantize_workflow(variant: str, paths):
     workflow = _workflows(cfg, paths)["quantize"]
     builder = _only_pass(workflow)
     assert builder["type"] == "ModelBuilder"
-    assert builder["precision"] == cfg.builder.precision
+    # int8: ModelBuilder builds fp32 and the quantize stage quantizes it (slmkit.int8)
+    assert builder["precision"] == ("fp32" if cfg.builder.precision == "int8" else cfg.builder.precision)
     source = paths["base"] if cfg.builder.adapter == "separate" else paths["merged"]
     assert workflow["input_model"]["model_path"] == str(source)
     if cfg.builder.precision == "int4":
@@ -450,7 +452,7 @@ def _adapter_and_base(paths, targets: list[str], layers: int) -> None:
 
 
 def test_separate_adapter_builds_from_the_base_with_its_branches_kept_out_of_int4(paths, olive_package):
-    cfg = compose(["model=smollm2_135m", "builder.adapter=separate"])
+    cfg = compose(["model=smollm2_135m", "builder=int4_cpu", "builder.adapter=separate"])
     _adapter_and_base(paths, ["q_proj", "down_proj"], layers=2)
     workflow = olive_config.quantize_workflow(cfg, paths["base"], paths["work"], paths["adapter"])
     assert workflow["input_model"]["model_path"] == str(paths["base"])
@@ -480,7 +482,8 @@ def test_merged_build_has_no_exclusions(paths):
 
 @pytest.mark.parametrize("adapter", ["merged", "separate"])
 def test_exclude_keeps_those_projections_full_precision_in_every_layer(paths, olive_package, adapter: str):
-    cfg = compose(["model=smollm2_135m", f"builder.adapter={adapter}", "builder.exclude=[down_proj,v_proj]"])
+    overrides = [f"builder.adapter={adapter}", "builder.exclude=[down_proj,v_proj]"]
+    cfg = compose(["model=smollm2_135m", "builder=int4_cpu", *overrides])
     _merged(paths, layers=3)
     _adapter_and_base(paths, ["q_proj"], layers=3)
     source = paths["merged"] if adapter == "merged" else paths["base"]
