@@ -29,6 +29,7 @@ FORMAT_KERNEL = {
     "int4_acc4": "ort_int4_acc4",
     "int4_acc1": "ort_int4_acc1",
     "int8": "ort_int8",
+    "int8_merged": "ort_int8",
     "fp32": "ort_fp32",
     "pytorch_fp32": "torch_fp32",
     "pytorch_bf16": "torch_bf16",
