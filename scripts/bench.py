@@ -340,6 +340,8 @@ def formats(args) -> dict:
     for name, overrides in FORMATS.items():
         run_cfg = copy.deepcopy(cfg)
         run_cfg.builder = compose(overrides).builder
+        if cfg.builder.adapter == "merged":  # the run's adapter cannot be kept apart (experiment=tiny, DoRA)
+            run_cfg.builder = dataclasses.replace(run_cfg.builder, adapter="merged")
         builders[name] = run_cfg.builder
         work = (root / f".olive-{name}").resolve()
         shutil.rmtree(work, ignore_errors=True)

@@ -128,6 +128,32 @@ def test_bench_train_runs_the_stage_and_the_plain_loop_on_the_same_batches(priva
     assert not (private_run / "artifacts/bench/train").exists()  # its scratch folder is removed
 
 
+def test_bench_formats_builds_and_measures_each_format_beside_its_kernel(private_run: Path, tmp_path: Path):
+    """make bench-formats' code path on the tiny run: every format built by the quantize stage's own build,
+    measured on the test split, with its kernel's peak and a prompt profile; few phrases, not its numbers."""
+    out = tmp_path / "bench.json"
+    run([sys.executable, "scripts/bench.py", "--formats", "--batch-phrases", "16", "--out", str(out)], private_run)
+    f = json.loads(out.read_text())["formats"]
+    assert set(f["formats"]) == {
+        "int4_acc4",
+        "int4_acc1",
+        "int8",
+        "int8_merged",
+        "fp32",
+        "pytorch_fp32",
+        "pytorch_bf16",
+    }
+    for name, r in f["formats"].items():
+        assert 0 <= r["accuracy"] <= 1 and r["batch_ms_per_phrase"] > 0 and r["phrases"] == 16, name
+        assert r["kernel_peak_gflops"] == f["kernel_peaks_gflops"][r["kernel"]] > 0
+        assert r["passes_gate"] == (r["gap_to_merged"] <= f["parity_tolerance"])
+    assert f["formats"]["int8"]["batch_invariant"] is False and f["formats"]["fp32"]["batch_invariant"] is True
+    assert f["formats"]["int8"]["batched_anyway"]["batch_ms_per_phrase"] > 0
+    assert f["chosen"] == "int8" and f["classify_speedup_vs_int4_reference"] > 0  # the tiny run's builder
+    assert set(f["prompt_profile"]) == {"int4_acc4", "int8", "fp32"}
+    assert set(f["machine"]["features"]) >= {"avx512_vnni", "amx_int8"}
+
+
 def test_classify_file_json_and_chat(finished_run: Path, tmp_path: Path):
     labels = compose().data.labels
     phrases = tmp_path / "phrases.jsonl"
