@@ -234,3 +234,33 @@ def test_family_is_the_default_two_ranks_two_seeds_and_the_data_without_its_firs
     assert all(not m[2] for i, m in enumerate(members) if i != 3)
     for _, overrides, _ in members:  # each a valid config
         compose(overrides)
+
+
+def test_an_interrupted_job_ends_the_stages_dvc_started(tmp_path: Path):
+    """Killing a sweep or bench-family must not leave a job's training running, orphaned (it did: a stage
+    kept both cores busy for half an hour after its sweep was stopped)."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep._run_group(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], stdout=subprocess.DEVNULL)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the job's child {child} outlived the interrupted job")

@@ -11,11 +11,13 @@ and `dvc exp show` in the main workspace lists every job.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -124,6 +126,22 @@ def family(data_path: str) -> list[tuple[str, list[str], dict[str, str]]]:
     return members
 
 
+def _run_group(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd` (stderr into stdout) in its own process group, and end the whole group if this process is
+    interrupted: `dvc exp run` runs the stages as its children, which would otherwise keep training, orphaned."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    try:
+        return subprocess.CompletedProcess(cmd, proc.wait())
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 def run_job(
     cfg: Config,
     overrides: list[str],
@@ -162,17 +180,9 @@ def run_job(
         log_path = job_dir / "dvc.log"
         log.info("job %s: dvc exp run (log: %s)", name, log_path)
         with open(log_path, "w", encoding="utf-8") as out:
-            proc = subprocess.run(
-                ["dvc", "exp", "run", "--name", name], cwd=ws, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
+            proc = _run_group(["dvc", "exp", "run", "--name", name], cwd=ws, env=env, stdout=out)
             if proc.returncode == 0:  # the experiment ref (and its commit) into the main repo
-                proc = subprocess.run(
-                    ["dvc", "exp", "push", "--no-cache", "origin", name],
-                    cwd=ws,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
+                proc = _run_group(["dvc", "exp", "push", "--no-cache", "origin", name], cwd=ws, env=env, stdout=out)
         text = log_path.read_text(encoding="utf-8", errors="replace")
         if proc.returncode:
             lines = text.splitlines()
