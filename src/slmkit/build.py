@@ -37,7 +37,5 @@ def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path | N
     if b.exclude:
         olive_run.check_excluded(output, list(b.exclude), log_path)
     if b.adapter == "separate" and adapter is not None:
-        names = olive_run.tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
-        matrices = [n for n in names if "lora_A" in n or "lora_B" in n]
-        olive_run.check_lora_branches(output, len(matrices), log_path)
+        olive_run.check_lora_branches(output, olive_run.lora_matrices(adapter, log_path), log_path)
     return output

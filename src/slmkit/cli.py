@@ -12,6 +12,11 @@ from slmkit.inference import DEFAULT_BATCH_SIZE, DEFAULT_DECODING
 from slmkit.paths import EVAL_JSON, stage_dir
 
 DEFAULT_MODEL = stage_dir("quantize") / "model"
+ADAPTER_BASE = stage_dir("adapter") / "base"  # the base --adapter runs on unless --model says otherwise
+ADAPTER_HELP = (
+    "NAME=PATH: a fine-tune to run on --model as the shared base (repeatable; default base: the adapter "
+    "stage's artifacts/adapter/base; PATH: an adapter folder, e.g. artifacts/adapter/adapter)"
+)
 # --model accepts a folder or one of these names for the pipeline's outputs.
 # Phrases of a file classified before their labels are printed (in input order).
 PRINT_CHUNK = 1024
@@ -71,13 +76,30 @@ def _read_phrases(args: argparse.Namespace) -> list[str]:
     return texts
 
 
+def _adapters(args: argparse.Namespace) -> dict[str, str]:
+    """--adapter NAME=PATH values, by name (ValueError for a bad or repeated one)."""
+    from slmkit.adapters import parse_spec
+
+    found: dict[str, str] = {}
+    for spec in getattr(args, "adapter", None) or []:
+        name, path = parse_spec(spec)
+        if name in found:
+            raise ValueError(f"--adapter {name}=...: the name {name!r} is given twice; give each adapter its own name")
+        found[name] = path
+    return found
+
+
 def _load(args: argparse.Namespace, command: str):
-    """The model --model names, or None after printing, on one line, why it cannot be loaded (exit 1)."""
+    """The model --model names ({name: model} with --adapter, on --model as the base), or None after
+    printing, on one line, why it cannot be loaded (exit 1)."""
+    from slmkit.adapters import AdapterMismatch
     from slmkit.gate import NotShipped
     from slmkit.inference import load
 
     try:
-        path, data = _resolve_model(args.model)
+        adapters = _adapters(args)
+        # With adapters, the default model is the base the adapter stage writes (it takes adapter inputs).
+        path, data = (ADAPTER_BASE, None) if adapters and args.model == "onnx" else _resolve_model(args.model)
     except (FileNotFoundError, ValueError) as err:
         print(f"slmkit {command}: error: {err}", file=sys.stderr)
         return None
@@ -90,8 +112,9 @@ def _load(args: argparse.Namespace, command: str):
             batch_size=getattr(args, "batch_size", DEFAULT_BATCH_SIZE),
             threads=getattr(args, "threads", 0) or None,
             ungated=args.ungated,
+            adapters=adapters or None,
         )
-    except (FileNotFoundError, NotShipped) as err:  # slmkit's own: missing folder or file, or the gate's verdict
+    except (FileNotFoundError, NotShipped, AdapterMismatch) as err:  # slmkit's own: missing, gate, mismatch
         reason = str(err)
     except Exception as err:  # onnxruntime-genai, transformers, safetensors and json each raise their own types
         cause = f"{type(err).__name__}: {str(err).rstrip('.')}"
@@ -123,17 +146,20 @@ def _kind_error(clf, command: str) -> str | None:
 
 
 def _ready(args: argparse.Namespace, command: str):
-    """(inputs, model) for `command`, or the exit code after saying on one line why not."""
+    """(inputs, {name: model}) for `command` (one model named "" without --adapter), or the exit code after
+    saying on one line why not."""
     texts = _inputs(args, command)
     if isinstance(texts, int):
         return texts
-    clf = _load(args, command)
-    if clf is None:
+    loaded = _load(args, command)
+    if loaded is None:
         return 1
-    if error := _kind_error(clf, command):
-        print(f"slmkit {command}: error: {error}", file=sys.stderr)
-        return 2
-    return texts, clf
+    models = loaded if isinstance(loaded, dict) else {"": loaded}
+    for name, clf in models.items():
+        if error := _kind_error(clf, command):
+            print(f"slmkit {command}: error: {f'adapter {name!r}: ' if name else ''}{error}", file=sys.stderr)
+            return 2
+    return texts, models
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -142,18 +168,21 @@ def _classify(args: argparse.Namespace) -> int:
     ready = _ready(args, "classify")
     if isinstance(ready, int):
         return ready
-    texts, clf = ready
+    texts, models = ready
     # Printed a chunk at a time, in input order: a chunk is large enough for the classifier to fill its
     # batches with phrases of one token length. The bar goes to stderr (results stay clean on stdout) and
-    # only for files and stdin, on a terminal.
-    with tqdm(total=len(texts), desc="classify", unit="phrase", disable=None if not args.text else True) as bar:
+    # only for files and stdin, on a terminal. Several adapters: each labels every phrase, named on its line.
+    total = len(texts) * len(models)
+    with tqdm(total=total, desc="classify", unit="phrase", disable=None if not args.text else True) as bar:
         for start in range(0, len(texts), PRINT_CHUNK):
-            for pred in clf.classify(texts[start : start + PRINT_CHUNK], progress=bar.update):
-                if args.json:
-                    row = {"text": pred.text, "label": pred.label, "output": pred.output}
-                    print(json.dumps(row, ensure_ascii=False), flush=True)
-                else:
-                    print(f"{pred.label or '(no valid label: ' + repr(pred.output) + ')'}\t{pred.text}", flush=True)
+            for name, clf in models.items():
+                for pred in clf.classify(texts[start : start + PRINT_CHUNK], progress=bar.update):
+                    if args.json:
+                        row = {"text": pred.text, "label": pred.label, "output": pred.output}
+                        print(json.dumps({"model": name, **row} if name else row, ensure_ascii=False), flush=True)
+                    else:
+                        label = pred.label or f"(no valid label: {pred.output!r})"
+                        print(f"{name + chr(9) if len(models) > 1 else ''}{label}\t{pred.text}", flush=True)
     return 0
 
 
@@ -164,17 +193,20 @@ def _generate(args: argparse.Namespace) -> int:
     ready = _ready(args, "generate")
     if isinstance(ready, int):
         return ready
-    texts, clf = ready
-    if args.max_new_tokens:
-        clf.max_new_tokens = args.max_new_tokens
-    with tqdm(total=len(texts), desc="generate", unit="question", disable=None if not args.text else True) as bar:
+    texts, models = ready
+    total = len(texts) * len(models)
+    with tqdm(total=total, desc="generate", unit="question", disable=None if not args.text else True) as bar:
         for start in range(0, len(texts), PRINT_CHUNK):
             chunk = texts[start : start + PRINT_CHUNK]
-            for question, answer in zip(chunk, clf.generate(chunk, progress=bar.update), strict=True):
-                if args.json:
-                    print(json.dumps({"question": question, "answer": answer}, ensure_ascii=False), flush=True)
-                else:
-                    print(" ".join(answer.split()), flush=True)
+            for name, clf in models.items():
+                if args.max_new_tokens:
+                    clf.max_new_tokens = args.max_new_tokens
+                for question, answer in zip(chunk, clf.generate(chunk, progress=bar.update), strict=True):
+                    if args.json:
+                        row = {"question": question, "answer": answer}
+                        print(json.dumps({"model": name, **row} if name else row, ensure_ascii=False), flush=True)
+                    else:
+                        print(f"{name + chr(9) if len(models) > 1 else ''}{' '.join(answer.split())}", flush=True)
     return 0
 
 
@@ -201,14 +233,22 @@ def _serve(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         api_key=api_key,
     )
+    if isinstance(clf, dict) and args.served_model_name:
+        print("slmkit serve: error: with --adapter, each adapter is served under its NAME", file=sys.stderr)
+        return 2
     serve(clf, settings, args.host, args.port, model_name=args.served_model_name or str(args.model))
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
+    if len(getattr(args, "adapter", None) or []) > 1:
+        print("slmkit chat: error: chat with one adapter at a time (one --adapter)", file=sys.stderr)
+        return 2
     clf = _load(args, "chat")
     if clf is None:
         return 1
+    if isinstance(clf, dict):
+        (clf,) = clf.values()
     interactive = not args.message
     messages = [" ".join(args.message)] if args.message else iter(lambda: _prompt_line(), None)
     for message in messages:
@@ -310,6 +350,7 @@ def _input_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--file", type=Path, help=f"{what}s, one per line: plain text or JSON lines")
     parser.add_argument("--text-key", help=f"JSON lines: the field holding the {what} (default: the first text field)")
     parser.add_argument("--model", default="onnx", help=MODELS_HELP)
+    parser.add_argument("--adapter", action="append", metavar="NAME=PATH", help=ADAPTER_HELP)
     parser.add_argument("--ungated", action="store_true", help=UNGATED)
     parser.add_argument(
         "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help=f"{what}s per forward pass (%(default)s)"
@@ -339,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chat", help="free generation with the fine-tuned model (interactive without a message)")
     c.add_argument("message", nargs="*", help="one message; without it, read messages line by line")
     c.add_argument("--model", default="onnx", help=models)
+    c.add_argument("--adapter", action="append", metavar="NAME=PATH", help=ADAPTER_HELP)
     c.add_argument("--ungated", action="store_true", help=UNGATED)
     c.add_argument("--raw", action="store_true", help="send the text as is, not inside the training prompt")
     c.add_argument("--max-new-tokens", type=int, default=64)
@@ -346,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=_chat)
     v = sub.add_parser("serve", help="the model behind an HTTP JSON API: POST /classify, GET /health")
     v.add_argument("--model", default="onnx", help=models)
+    v.add_argument("--adapter", action="append", metavar="NAME=PATH", help=ADAPTER_HELP)
     v.add_argument("--ungated", action="store_true", help=UNGATED)
     v.add_argument("--host", default="127.0.0.1", help="%(default)s: this machine only; 0.0.0.0 to expose it")
     v.add_argument("--port", type=int, default=8000)

@@ -180,6 +180,32 @@ class GenaiModel:
         self.context_length = int(spec["context_length"])
         self.path = Path(path)
         self.batch_invariant = batch_invariant(self.path)
+        # A LoRA adapter loaded at run time (slmkit.adapters): every generator runs with it when set.
+        self.adapters = None
+        self.adapter: str | None = None
+
+    def with_adapters(self, files: dict[str, Path]) -> dict[str, GenaiModel]:
+        """One view of this model per adapter file (name -> .onnx_adapter), all on this one model: the
+        weights of the base are in memory once, each view's generators run with its adapter active."""
+        import copy
+
+        container = self.og.Adapters(self.model)
+        views = {}
+        for name, file in files.items():
+            container.load(str(file), name)
+            view = copy.copy(self)
+            view.adapters, view.adapter = container, name
+            views[name] = view
+        return views
+
+    def with_adapter(self, file: Path, name: str) -> GenaiModel:
+        return self.with_adapters({name: file})[name]
+
+    def _generator(self, params):
+        gen = self.og.Generator(self.model, params)
+        if self.adapter is not None:
+            gen.set_active_adapter(self.adapters, self.adapter)
+        return gen
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.tokenizer.encode(text)]
@@ -191,7 +217,7 @@ class GenaiModel:
         ids = self.encode(prompt)
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + max(map(len, candidates)) + 1, do_sample=False)
-        gen = og.Generator(self.model, params)
+        gen = self._generator(params)
         gen.append_tokens(ids)
 
         def advance(token: int):
@@ -216,7 +242,7 @@ class GenaiModel:
         og = self.og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(rows[0]) + new_tokens, do_sample=False, batch_size=len(rows))
-        gen = og.Generator(self.model, params)
+        gen = self._generator(params)
         gen.append_tokens(np.asarray(rows, dtype=np.int32))
         return gen
 
@@ -253,7 +279,7 @@ class GenaiModel:
         ids = self.tokenizer.encode(prompt)
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        gen = og.Generator(self.model, params)
+        gen = self._generator(params)
         gen.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
         text, count = "", 0
@@ -293,7 +319,8 @@ class TorchModel:
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs).eval()
+        self._model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs).eval()
+        self.adapter: str | None = None  # PEFT adapter this view runs with (with_adapters)
         # Padded rows agree with a row alone up to fp32 rounding (the labels do: a default test); in bf16 not.
         self.batch_invariant = dtype in (None, "float32")
         self.eos_id = self.tokenizer.eos_token_id
@@ -305,6 +332,32 @@ class TorchModel:
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", None) or 2**31)
         # Padding is masked out, so any id does; a tokenizer without a pad token pads with end-of-sequence.
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+
+    @property
+    def model(self):
+        """The network; with an adapter (with_adapters), that adapter made the active one first."""
+        if self.adapter is not None:
+            self._model.set_adapter(self.adapter)
+        return self._model
+
+    def with_adapters(self, folders: dict[str, Path]) -> dict[str, TorchModel]:
+        """One view of this model per PEFT adapter folder (name -> folder), all on this one base, with PEFT's
+        own multi-adapter model: the counterpart of GenaiModel.with_adapters, to compare the two backends."""
+        import copy
+
+        from peft import PeftModel
+
+        views = {}
+        for name, folder in folders.items():
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(str(folder), adapter_name=name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, str(folder), adapter_name=name).eval()
+            views[name] = copy.copy(self)
+            views[name].adapter = name
+        for view in views.values():
+            view._model = self._model  # every view on the one PeftModel holding all the adapters
+        return views
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -545,18 +598,29 @@ def load(
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     ungated: bool = False,
-) -> Classifier:
+    adapters: dict[str, str | Path] | None = None,
+) -> Classifier | dict[str, Classifier]:
     """Load a model folder: ONNX if it has genai_config.json, else PyTorch. The prompt comes from the folder.
 
     `threads`: compute threads (None: default_threads(), one per core unless OMP_NUM_THREADS says otherwise).
     A model the pipeline's quantize stage built loads only with a passed parity-gate verdict (slmkit.gate;
     NotShipped otherwise) unless `ungated`.
+
+    `adapters` (name -> path): fine-tunes that run on `path` as their shared base, loaded once; returns one
+    Classifier per name, each with its adapter's own prompt. ONNX: `path` is the base the `adapter` stage
+    writes and each path an adapter folder it writes (slmkit.adapters checks that they belong together and
+    that the adapter's model passed its gate). PyTorch: `path` is a Hugging Face base model and each path a
+    PEFT adapter folder (the train stage's), run with PEFT's multi-adapter model.
     """
     from slmkit import gate
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model folder; run `make finetune` first")
+    if adapters:
+        return _load_adapters(
+            path, adapters, data, max_new_tokens, trust_remote_code, decoding, batch_size, threads, ungated
+        )
     if not ungated:
         gate.check(path)
     data = data or load_prompt_config(path)
@@ -566,3 +630,49 @@ def load(
     else:
         model = TorchModel(path, trust_remote_code=trust_remote_code, threads=threads)
     return Classifier(model, data, max_new_tokens, decoding, batch_size)
+
+
+def _load_adapters(
+    path: Path,
+    adapters: dict[str, str | Path],
+    data: DataConfig | None,
+    max_new_tokens: int,
+    trust_remote_code: bool,
+    decoding: str,
+    batch_size: int,
+    threads: int | None,
+    ungated: bool,
+) -> dict[str, Classifier]:
+    """`load` with adapters: {name: Classifier} on one base model in memory."""
+    from slmkit import adapters as ad
+    from slmkit.gate import NotShipped
+
+    views: dict[str, GenaiModel | TorchModel]
+    if (path / "genai_config.json").exists():
+        base = ad.read_base(path)
+        if ad.base_fingerprint(path) != base["sha256"]:
+            raise ad.AdapterMismatch(
+                f"{path}: its graph files are not the ones {ad.BASE_MANIFEST} describes (changed since the "
+                "`adapter` stage wrote them); rerun `make adapter`"
+            )
+        found = {name: ad.resolve(name, p) for name, p in adapters.items()}
+        for adapter in found.values():
+            ad.check(path, adapter, base)
+            if not ungated and (problem := ad.gate_problem(adapter)):
+                raise NotShipped(problem)
+        folders = {name: a.folder for name, a in found.items()}
+        views = GenaiModel(path, threads=threads).with_adapters({name: a.file for name, a in found.items()})
+    else:
+        folders = {name: Path(p) for name, p in adapters.items()}
+        for name, folder in folders.items():
+            if not (folder / "adapter_config.json").is_file():
+                raise FileNotFoundError(
+                    f"adapter {name!r}: {folder} is not a PEFT adapter folder (no adapter_config.json); on a "
+                    "PyTorch base give the train stage's artifacts/train/adapter"
+                )
+        torch_model = TorchModel(path, trust_remote_code=trust_remote_code, threads=threads)
+        views = torch_model.with_adapters(folders)
+    return {
+        name: Classifier(views[name], data or load_prompt_config(folders[name]), max_new_tokens, decoding, batch_size)
+        for name in adapters
+    }

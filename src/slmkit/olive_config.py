@@ -277,3 +277,23 @@ def single_workflow(
         passes["merge"] = {"type": "MergeAdapterWeights"}
         passes["builder"] = builder_pass(cfg, base_path)
     return _workflow(cfg, _input_model(cfg, base_path), passes, work_dir, data, for_builder=True)
+
+
+def extract_adapters_workflow(cfg: Config, model_dir: str | Path, work_dir: Path) -> dict[str, Any]:
+    """Olive's ExtractAdapters on a built model whose LoRA branches are apart (builder.adapter=separate): the
+    branches' weights become optional graph inputs (empty by default: the base alone; the rank a dynamic
+    dimension) and go to an .onnx_adapter file that onnxruntime-genai loads at run time (slmkit.adapters)."""
+    model = {"type": "ONNXModel", "model_path": str(model_dir), "onnx_file_name": "model.onnx"}
+    passes = {
+        "extract": {
+            "type": "ExtractAdapters",
+            "make_inputs": True,
+            "dynamic_lora_r": True,
+            "optional_inputs": True,
+            "save_format": "onnx_adapter",
+            "save_as_external_data": True,
+            "all_tensors_to_one_file": True,
+            "external_data_name": "model.onnx.data",
+        }
+    }
+    return _workflow(cfg, model, passes, work_dir, for_builder=True)

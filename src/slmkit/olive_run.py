@@ -118,6 +118,12 @@ def tensor_names(files: list[Path], what: str, log_path: Path) -> list[str]:
     return names
 
 
+def lora_matrices(adapter: Path, log_path: Path) -> int:
+    """How many LoRA A and B matrices the trained adapter holds."""
+    names = tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
+    return sum(1 for n in names if "lora_A" in n or "lora_B" in n)
+
+
 def check_adapter(adapter: Path, target_modules: list[str], log_path: Path) -> None:
     """Fail unless the adapter holds LoRA A and B weights for every configured target module."""
     names = tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)

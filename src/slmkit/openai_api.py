@@ -71,6 +71,7 @@ class ChatRequest:
     stop: list[str]  # the caller's stop strings
     stream: bool
     include_usage: bool  # stream_options.include_usage: one more chunk with the token counts
+    model: str = ""  # the served model (an adapter's name) that answers
 
 
 def _is_int(value) -> bool:
@@ -92,8 +93,21 @@ def _text(value, param: str, what: str) -> str:
     return value
 
 
-def parse_chat_request(body: bytes, model_name: str, max_tokens_limit: int, max_chars: int) -> ChatRequest:
-    """The parts of a /v1/chat/completions body this server uses, or an ApiError naming the field at fault."""
+def not_served(name: object, served: list[str]) -> ApiError:
+    """The 404 for a model name this server does not serve, naming those it does."""
+    names = ", ".join(repr(n) for n in served)
+    return ApiError(
+        404,
+        f"the model {name!r} is not served here; this server serves {names} (GET /v1/models)",
+        "model",
+        "model_not_found",
+    )
+
+
+def parse_chat_request(body: bytes, models: dict[str, int], max_tokens_limit: int) -> ChatRequest:
+    """The parts of a /v1/chat/completions body this server uses, or an ApiError naming the field at fault.
+
+    `models`: the served model names, each with its longest message (its data.max_chars)."""
     payload = load_json(body, EXAMPLE)
     if not isinstance(payload, dict):
         raise ApiError(400, f"the body must be a JSON object: {EXAMPLE}")
@@ -103,15 +117,12 @@ def parse_chat_request(body: bytes, model_name: str, max_tokens_limit: int, max_
             400, f"unknown field(s) {unknown}: this server takes {sorted(KEYS)} (docs/serving.md)", unknown[0]
         )
     if "model" not in payload:
-        raise ApiError(400, f'"model" is required: send "model": "{model_name}" (GET /v1/models)', "model")
-    if payload["model"] != model_name:
-        raise ApiError(
-            404,
-            f"the model {payload['model']!r} is not served here; this server serves {model_name!r} (GET /v1/models)",
-            "model",
-            "model_not_found",
-        )
-    text = _last_user_message(payload.get("messages"), max_chars)
+        first = next(iter(models))
+        raise ApiError(400, f'"model" is required: send "model": "{first}" (GET /v1/models)', "model")
+    model = payload["model"]
+    if not isinstance(model, str) or model not in models:
+        raise not_served(model, list(models))
+    text = _last_user_message(payload.get("messages"), models[model])
 
     if "max_tokens" in payload and "max_completion_tokens" in payload:
         raise ApiError(400, "give max_tokens or max_completion_tokens (the same setting), not both", "max_tokens")
@@ -146,7 +157,8 @@ def parse_chat_request(body: bytes, model_name: str, max_tokens_limit: int, max_
         raise ApiError(400, f"stream must be true or false, got {stream!r}", "stream")
     include_usage = _stream_options(payload.get("stream_options"), stream)
     messages = [{"role": m["role"], "content": m["content"]} for m in payload["messages"]]
-    return ChatRequest(text, messages, max_tokens, param, _stops(payload.get("stop")), stream, include_usage)
+    stops = _stops(payload.get("stop"))
+    return ChatRequest(text, messages, max_tokens, param, stops, stream, include_usage, model)
 
 
 def check_turns(messages: list[dict]) -> None:
@@ -314,8 +326,8 @@ def usage(prompt_tokens: int, tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
 
 
-def models_list(model: str, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model, created)]}
+def models_list(models: list[str], created: int) -> dict:
+    return {"object": "list", "data": [model_card(model, created) for model in models]}
 
 
 def model_card(model: str, created: int) -> dict:

@@ -114,14 +114,31 @@ def load_json(body: bytes, example: str):
         raise RequestError(400, f"the body's JSON holds a number too long to read; send {example}") from None
 
 
-def parse_request(body: bytes, settings: ServeSettings, max_chars: int) -> list[str]:
-    """The phrases of a /classify body, or a RequestError saying what is wrong with it."""
-    payload = load_json(body, EXAMPLE)
+def pick_model(payload, models: dict[str, Classifier], classifiers: list[str]) -> str:
+    """The served model a /classify body names ("model", optional when one classifier is served)."""
+    if not isinstance(payload, dict) or "model" not in payload:
+        if len(classifiers) == 1:
+            return classifiers[0]
+        raise RequestError(422, f'several classifiers are served: name one with "model" (one of {classifiers})')
+    name = payload["model"]
+    if not isinstance(name, str) or name not in models:
+        raise RequestError(404, f"the model {name!r} is not served here; this server serves {list(models)}")
+    if name not in classifiers:
+        raise RequestError(
+            404, f"the model {name!r} answers questions in free text (no label set): POST /v1/chat/completions"
+        )
+    return name
+
+
+def parse_request(payload, settings: ServeSettings, max_chars: int) -> list[str]:
+    """The phrases of a /classify body (its JSON value), or a RequestError saying what is wrong with it."""
+    if isinstance(payload, bytes):
+        payload = load_json(payload, EXAMPLE)
     if not isinstance(payload, dict) or "phrases" not in payload:
         raise RequestError(422, 'the body must be a JSON object with a "phrases" list: {"phrases": ["..."]}')
-    extra = sorted(set(payload) - {"phrases"})
+    extra = sorted(set(payload) - {"phrases", "model"})
     if extra:
-        raise RequestError(422, f'unknown key(s) {extra}: the body takes only "phrases"')
+        raise RequestError(422, f'unknown key(s) {extra}: the body takes only "phrases" (and "model")')
     phrases = payload["phrases"]
     if not isinstance(phrases, list):
         raise RequestError(422, '"phrases" must be a list of strings')
@@ -152,14 +169,16 @@ class Batcher:
     serialises every use of the model.
     """
 
-    def __init__(self, clf: Classifier, settings: ServeSettings):
+    def __init__(self, clf: Classifier, settings: ServeSettings, share: Batcher | None = None):
+        """`share`: another model's batcher whose thread and lock this one uses (adapters on one base: one
+        model in memory, used by one batch at a time); each keeps its own queue, so a batch is one adapter's."""
         self.clf = clf
         self.settings = settings
         self.queue: asyncio.Queue[_Job] | None = None
         self.in_flight = 0
         self.batches = 0
-        self.model_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmkit-model")
+        self.model_lock = share.model_lock if share else threading.Lock()
+        self._executor = share._executor if share else ThreadPoolExecutor(1, thread_name_prefix="slmkit-model")
         self._task: asyncio.Task | None = None
 
     def classify(self, phrases: list[str]) -> list[dict]:
@@ -404,38 +423,50 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(clf: Classifier, settings: ServeSettings | None = None, model_name: str = ""):
+def create_app(clf: Classifier | dict[str, Classifier], settings: ServeSettings | None = None, model_name: str = ""):
     """The FastAPI app serving `clf`: /classify (constrained decoding with per-label scores), /health, and
-    OpenAI's chat completions (greedy) with the model called `model_name` ("slmkit" when empty)."""
+    OpenAI's chat completions (greedy) with the model called `model_name` ("slmkit" when empty).
+
+    `clf` may be several models by name (adapters on one base, slmkit.load(base, adapters=...)): /v1/models
+    lists them, a request's "model" picks one (404 naming those served), and each has its own queue, so a
+    batch is one adapter's; they take turns on the one model thread."""
     from slmkit import openai_api as oai
 
     settings = settings or ServeSettings()
-    max_chars = settings.max_chars or clf.data.max_chars
-    max_body_bytes = settings.max_body_bytes or default_max_body_bytes(settings.max_phrases, max_chars)
-    batcher = Batcher(clf, settings)
-    chats = Chats(batcher, settings.queue_size)
-    served = model_name or "slmkit"
+    models = clf if isinstance(clf, dict) else {model_name or "slmkit": clf}
+    names = list(models)
+    max_chars = {name: settings.max_chars or m.data.max_chars for name, m in models.items()}
+    longest = max(max_chars.values())
+    max_body_bytes = settings.max_body_bytes or default_max_body_bytes(settings.max_phrases, longest)
+    batchers: dict[str, Batcher] = {}
+    for name, m in models.items():
+        batchers[name] = Batcher(m, settings, share=next(iter(batchers.values()), None))
+    chats = {name: Chats(b, settings.queue_size) for name, b in batchers.items()}
+    classifiers = [name for name in names if not models[name].generative]
     started = int(time.time())
 
     def warm_up() -> None:
-        if clf.generative:
-            clf.model.generate(build_prompt(clf.data, "warm-up"), 1)
-        else:
-            batcher.classify(["warm-up"])
+        for name, m in models.items():
+            if m.generative:
+                m.model.generate(build_prompt(m.data, "warm-up"), 1)
+            else:
+                batchers[name].classify(["warm-up"])
 
     @asynccontextmanager
     async def lifespan(app):
-        # One phrase through the model before the first request, so it does not pay the warm-up.
+        # One phrase through each model before the first request, so it does not pay the warm-up.
         await asyncio.get_running_loop().run_in_executor(None, warm_up)
-        await batcher.start()
+        for batcher in batchers.values():
+            await batcher.start()
         yield
-        await batcher.stop()
+        for batcher in batchers.values():
+            await batcher.stop()
 
     # No /docs, /redoc or /openapi.json: /classify reads its own body (to bound it first), so the generated
     # schema would show none, and the pages load their scripts from a CDN. docs/serving.md is the reference.
     app = FastAPI(title="slmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
-    app.state.chats = chats
+    app.state.batchers, app.state.chats_by_model = batchers, chats
+    app.state.batcher, app.state.chats = batchers[names[0]], chats[names[0]]  # the first (the only one, mostly)
     if settings.api_key:
         app.add_middleware(ApiKeyCheck, key=settings.api_key)
 
@@ -452,54 +483,65 @@ def create_app(clf: Classifier, settings: ServeSettings | None = None, model_nam
         message = f"{request.method} {request.url.path}: {err.detail}; {routes}"
         return _error_response(request.url.path, oai.ApiError(err.status_code, message), err.headers)
 
-    @app.get("/health")
-    async def health():
-        failure = batcher.failure
-        body = {
-            "status": "ok" if failure is None else "error",
-            "model": model_name,
-            "backend": clf.model.kind,
-            "task": "generate" if clf.generative else "classify",
-            "labels": list(clf.data.labels),
+    def status(name: str) -> dict:
+        m, batcher = models[name], batchers[name]
+        return {
+            "backend": m.model.kind,
+            "task": "generate" if m.generative else "classify",
+            "labels": list(m.data.labels),
             "queued": batcher.queue.qsize() if batcher.queue else 0,
             "in_flight": batcher.in_flight,
             "batches": batcher.batches,
+        }
+
+    @app.get("/health")
+    async def health():
+        failure = next((b.failure for b in batchers.values() if b.failure), None)
+        first = status(names[0])
+        body = {
+            "status": "ok" if failure is None else "error",
+            "model": model_name if len(names) == 1 else names[0],
+            **first,
             "limits": {
                 "max_phrases": settings.max_phrases,
-                "max_chars": max_chars,
+                "max_chars": max_chars[names[0]],
                 "max_body_bytes": max_body_bytes,
                 "queue_size": settings.queue_size,
             },
         }
+        if len(names) > 1:
+            body["models"] = {name: {**status(name), "max_chars": max_chars[name]} for name in names}
         if failure:
             body["error"] = failure
         return JSONResponse(body, status_code=200 if failure is None else 503)
 
     @app.post("/classify")
     async def classify(request: Request):
-        if clf.generative:
+        if not classifiers:
             raise RequestError(
                 404, "this model answers questions in free text (no label set): POST /v1/chat/completions"
             )
-        phrases = parse_request(await read_body(request, max_body_bytes), settings, max_chars)
-        return {"results": await batcher.submit(phrases)}
+        payload = load_json(await read_body(request, max_body_bytes), EXAMPLE)
+        name = pick_model(payload, models, classifiers)
+        phrases = parse_request(payload, settings, max_chars[name])
+        return {"results": await batchers[name].submit(phrases)}
 
     @app.get("/v1/models")
-    async def models():
-        return oai.models_list(served, started)
+    async def list_models():
+        return oai.models_list(names, started)
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        if name != served:
-            message = f"the model {name!r} is not served here; this server serves {served!r}"
-            raise oai.ApiError(404, message, "model", "model_not_found")
-        return oai.model_card(served, started)
+        if name not in models:
+            raise oai.not_served(name, names)
+        return oai.model_card(name, started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = oai.parse_chat_request(await read_body(request, max_body_bytes), served, settings.max_tokens, max_chars)
+        req = oai.parse_chat_request(await read_body(request, max_body_bytes), max_chars, settings.max_tokens)
         cid = oai.completion_id()
-        deltas = chats.start(req, settings.max_tokens)
+        served = req.model
+        deltas = chats[served].start(req, settings.max_tokens)
         if not req.stream:
             parts = [item async for item in deltas]
             prompt_tokens, last = parts[-1]
@@ -582,19 +624,22 @@ class Server:
         self.sock.close()
 
 
-def serve(clf: Classifier, settings: ServeSettings, host: str, port: int, model_name: str = "") -> None:
-    """Run the API in the foreground until Ctrl-C."""
+def serve(
+    clf: Classifier | dict[str, Classifier], settings: ServeSettings, host: str, port: int, model_name: str = ""
+) -> None:
+    """Run the API in the foreground until Ctrl-C (several models by name: adapters on one base)."""
     import uvicorn
 
     # Says whether a key is required, never the key.
     auth = "an API key required" if settings.api_key else "no API key"
-    if clf.model.kind == "onnx":
+    first = next(iter(clf.values())) if isinstance(clf, dict) else clf
+    if first.model.kind == "onnx":
         from slmkit.formats import kernel_note, onnx_precision
 
-        log.info("%s", kernel_note(onnx_precision(clf.model.path)))
+        log.info("%s", kernel_note(onnx_precision(first.model.path)))
     log.info(
         "serving %s on http://%s:%d (POST /classify, GET /health, /v1/chat/completions, /v1/models; %s)",
-        model_name,
+        ", ".join(clf) + f" (adapters on {first.model.path})" if isinstance(clf, dict) else model_name,
         host,
         port,
         auth,
