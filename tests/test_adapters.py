@@ -201,7 +201,7 @@ def test_pytorch_runs_the_same_adapters_with_peft(kit):
 def test_one_server_serves_each_adapter_by_name(kit):
     from test_serve import call
 
-    from slmkit.serve import Batcher, ServeSettings, Server, create_app
+    from slmkit.serve import Batcher, Server, ServeSettings, create_app
 
     served = load(kit["base"], adapters={"a": kit["a"], "b": kit["b"]})
     # What a server of the dedicated model answers (labels and label scores: random tiny adapters mostly
@@ -215,7 +215,7 @@ def test_one_server_serves_each_adapter_by_name(kit):
             status, body = call(server.url, "/classify", json.dumps({"model": name, "phrases": PHRASES}).encode())
             assert status == 200 and body["results"] == expected[name]
         status, body = call(server.url, "/classify", json.dumps({"phrases": PHRASES}).encode())
-        assert status == 422 and "name one with \"model\"" in body["error"]
+        assert status == 422 and 'name one with "model"' in body["error"]
         status, body = call(server.url, "/classify", json.dumps({"model": "c", "phrases": ["x"]}).encode())
         assert status == 404 and "['a', 'b']" in body["error"]
         chat = {"model": "b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
