@@ -31,7 +31,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OLIVE_DISABLE_TELEMETRY := 1
 
 .PHONY: help env setup lock params config finetune _finetune _stage $(STAGES) sweep olive-config classify generate serve chat record \
-	report bench bench-serve bench-train bench-train-dtypes bench-formats bench-family bench-overhead push pull import-data update-data lineage test test-fast lint clean \
+	report bench bench-serve bench-train bench-train-dtypes bench-formats bench-family bench-adapters bench-overhead push pull import-data update-data lineage test test-fast lint clean \
 	docker-build docker-finetune docker-test
 
 help: ## Show the targets
@@ -129,6 +129,9 @@ bench-family: env ## The recipe's int8/int4-vs-merged gap over neighbouring runs
 	$(PY) scripts/compose.py
 	$(RUNLOCK) dvc repro base
 	$(PY) scripts/bench.py --family $(if $(RECIPE),--recipe $(RECIPE))
+
+bench-adapters: env ## Two fine-tunes on one base in one server vs a dedicated model: memory, speed, labels -> metrics/bench.json
+	$(PY) scripts/bench.py --adapters
 
 bench-overhead: env ## Kit pipeline time vs the same Olive configs by bare `olive run` -> metrics/bench.json
 	$(PY) scripts/bench.py --overhead

@@ -482,6 +482,86 @@ def serving(args) -> dict:
     return out
 
 
+# The second fine-tune of make bench-adapters: a neighbouring run of another rank (one base takes any rank).
+SECOND_ADAPTER = ["lora.r=8"]
+KEEP = ("artifacts/adapter", "artifacts/quantize")
+
+
+def adapters(args) -> dict:
+    """Two fine-tunes on one base in one `slmkit serve` against a server of one dedicated model: peak memory
+    (rss_ratio), requests/s with requests alternating between the adapters (throughput_ratio), and every test
+    phrase's label through the shared base against its own dedicated model's (labels_identical)."""
+    from slmkit import adapters as ad
+    from slmkit import sweep
+    from slmkit.inference import default_threads
+
+    overrides = list(args.second or SECOND_ADAPTER)
+    slug = f"adapters-{'-'.join(o.replace('=', '').replace('.', '') for o in overrides)}"
+    job_dir = BENCH_DIR / "adapters" / slug
+    log.info("the second fine-tune (%s): a DVC experiment, reused when cached", " ".join(overrides))
+    job = sweep.run_job(compose(overrides), overrides, job_dir, slug, default_threads(), keep=KEEP)
+    runs = {"default": Path("."), slug: job_dir}
+    folders = {name: ws / "artifacts/adapter/adapter" for name, ws in runs.items()}
+    dedicated = {name: ws / "artifacts/quantize/model" for name, ws in runs.items()}
+    base = stage_dir("adapter") / "base"
+    for name, folder in folders.items():
+        ad.check(base, ad.resolve(name, folder))  # a mismatch stops the bench here, saying what differs
+    texts = [e.text for e in read_split(stage_dir("prepare") / "test.jsonl")]
+    names = list(runs)
+    extra = ["--ungated", "--queue-size", str(args.adapter_clients * 2)]  # verdicts recorded below, not judged
+    out: dict = {"machine": bench.machine(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def served(model: Path, flags: list[str], models: list[str] | None) -> dict:
+        port = bench.free_port()
+        server = bench.start_server(model, port, [*extra, *flags])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            labels = {m: bench.classify_all(url, texts, m) for m in (models or [None])}
+            load = bench.load_test(url, texts, args.adapter_clients, args.requests, args.max_seconds, models)
+            return {"labels": labels, "load": load, "peak_rss_mb": bench.process_peak_rss_mb(server.pid)}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    flags = [f"--adapter={name}={folders[name]}" for name in names]
+    shared = served(base, flags, names)
+    log.info("one server, %d adapters on one base: %s", len(names), shared["load"])
+    alone = {}
+    for name in names:
+        alone[name] = served(dedicated[name], [], None)
+        log.info("dedicated model of %s: %s, peak %.1f MB", name, alone[name]["load"], alone[name]["peak_rss_mb"])
+    same = {name: shared["labels"][name] == alone[name]["labels"][None] for name in names}
+    first = names[0]
+    out.update(
+        {
+            "adapters": {
+                name: {
+                    "overrides": overrides if name == slug else [],
+                    "verdict": (ad.resolve(name, folders[name]).manifest.get("gate") or {}).get("verdict"),
+                    "labels_identical": same[name],
+                    "labels_differing": sum(
+                        a != b for a, b in zip(shared["labels"][name], alone[name]["labels"][None], strict=True)
+                    ),
+                }
+                for name in names
+            },
+            "phrases": len(texts),
+            "clients": args.adapter_clients,
+            "peak_rss_mb": {"shared": shared["peak_rss_mb"], **{n: alone[n]["peak_rss_mb"] for n in names}},
+            "rss_ratio": round(shared["peak_rss_mb"] / alone[first]["peak_rss_mb"], 3),
+            "requests_per_s": {
+                "alternating": shared["load"]["requests_per_s"],
+                "dedicated": alone[first]["load"]["requests_per_s"],
+            },
+            "throughput_ratio": round(shared["load"]["requests_per_s"] / alone[first]["load"]["requests_per_s"], 3),
+            "labels_identical": all(same.values()),
+            "load": {"shared": shared["load"], **{n: alone[n]["load"] for n in names}},
+            "second_run_seconds": job["seconds"],
+        }
+    )
+    return out
+
+
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phrases", type=int, default=32, help="test phrases, the same for every model")
@@ -521,6 +601,11 @@ def run() -> None:
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=500, help="--serve: requests per concurrency level")
     parser.add_argument("--max-seconds", type=float, default=60, help="--serve: time cap per concurrency level")
+    parser.add_argument(
+        "--adapters", action="store_true", help="two adapters on one base in one server vs a dedicated model"
+    )
+    parser.add_argument("--second", nargs="*", help=f"--adapters: overrides of the second run ({SECOND_ADAPTER})")
+    parser.add_argument("--adapter-clients", type=int, default=4, help="--adapters: concurrent clients")
     parser.add_argument("--out", type=Path, default=BENCH_JSON)
     args = parser.parse_args()
     results = read_json(args.out) if args.out.exists() else {}
@@ -534,6 +619,8 @@ def run() -> None:
         results["training"] = training(args.train_steps)
     elif args.formats:
         results["formats"] = formats(args)
+    elif args.adapters:
+        results["adapters"] = adapters(args)
     elif args.family:
         results.setdefault("family", {})[" ".join(args.recipe or []) or "default"] = family(args)
     else:

@@ -121,3 +121,28 @@ def test_a_copy_in_another_folder_reproduces_the_committed_data_and_base(real: P
     for stage in ("prepare", "base"):
         assert ran[stage]["outs"] == committed[stage]["outs"], stage
     assert (real / "params.yaml").read_text() == (REPO_ROOT / "params.yaml").read_text()
+
+
+def test_the_served_adapter_on_the_shared_base_labels_every_test_phrase_as_the_built_model(real: Path):
+    """The adapter stage's base + adapter, through `slmkit serve`'s app (the request's model picks it), give
+    the label the built model gives to every test phrase; the base alone (no adapter) is another model."""
+    from test_serve import call
+
+    from slmkit.adapters import read_base
+    from slmkit.serve import Server, ServeSettings, create_app
+
+    adapter = real / "artifacts/adapter/adapter"
+    manifest = json.loads((adapter / "adapter.json").read_text())
+    assert manifest["gate"]["verdict"] == "passed" and manifest["rank"] == 16
+    assert manifest["base_sha256"] == read_base(real / "artifacts/adapter/base")["sha256"]
+    texts = [e.text for e in read_split(real / "artifacts/prepare/test.jsonl")]
+    expected = [p.label for p in inference.load(real / "artifacts/quantize/model").classify(texts)]
+    served = inference.load(real / "artifacts/adapter/base", adapters={"tones": adapter})
+    with Server(create_app(served, ServeSettings(max_wait_ms=20))) as server:
+        labels = []
+        for start in range(0, len(texts), 64):
+            body = json.dumps({"model": "tones", "phrases": texts[start : start + 64]}).encode()
+            status, answer = call(server.url, "/classify", body)
+            assert status == 200, answer
+            labels += [row["label"] for row in answer["results"]]
+    assert labels == expected

@@ -302,9 +302,37 @@ def start_server(
     raise RuntimeError(f"{' '.join(cmd)} did not answer /health within {timeout_s:.0f} s")
 
 
-def load_test(url: str, phrases: list[str], concurrency: int, requests: int, max_seconds: float) -> dict:
+def process_peak_rss_mb(pid: int) -> float:
+    """The peak resident memory of a running process so far (Linux: VmHWM in /proc/<pid>/status), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"/proc/{pid}/status has no VmHWM: peak memory is measured on Linux only")
+
+
+def classify_all(url: str, phrases: list[str], model: str | None = None, per_request: int = 64) -> list[str]:
+    """Every phrase's label from a running `slmkit serve`, `per_request` phrases a POST (`model`: which one)."""
+    import urllib.request
+
+    labels: list[str] = []
+    for start in range(0, len(phrases), per_request):
+        body: dict = {"phrases": phrases[start : start + per_request]}
+        if model:
+            body["model"] = model
+        request = urllib.request.Request(
+            url + "/classify", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=600) as response:
+            labels += [row["label"] for row in json.loads(response.read())["results"]]
+    return labels
+
+
+def load_test(
+    url: str, phrases: list[str], concurrency: int, requests: int, max_seconds: float, models: list[str] | None = None
+) -> dict:
     """`concurrency` clients each sending one phrase per POST /classify, back to back, until `requests`
-    answers or `max_seconds`: requests/s and latency percentiles (errors counted, not timed)."""
+    answers or `max_seconds`: requests/s and latency percentiles (errors counted, not timed). `models`: the
+    requests name these served models in turn (adapters on one base), else none."""
     import threading
     import urllib.error
     import urllib.request
@@ -323,7 +351,10 @@ def load_test(url: str, phrases: list[str], concurrency: int, requests: int, max
                     return
                 i = sent[0]
                 sent[0] += 1
-            body = json.dumps({"phrases": [phrases[i % len(phrases)]]}).encode()
+            payload: dict = {"phrases": [phrases[i % len(phrases)]]}
+            if models:
+                payload["model"] = models[i % len(models)]
+            body = json.dumps(payload).encode()
             request = urllib.request.Request(url + "/classify", data=body, headers={"Content-Type": "application/json"})
             t0 = time.perf_counter()
             try:

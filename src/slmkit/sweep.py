@@ -150,11 +150,13 @@ def run_job(
     threads: int,
     root: Path | None = None,
     files: dict[str, str] | None = None,
+    keep: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run one sweep job as the DVC experiment `name`; return its result record (also in job_dir).
 
     `files`: text files to write into the job's clone first (path relative to the repo: content), e.g. a
-    variant of the data that the job's data.path names."""
+    variant of the data that the job's data.path names. `keep`: outputs (paths relative to the repo) copied
+    into job_dir before the clone is removed (make bench-adapters serves the job's adapter)."""
     root = root or repo_root()
     job_dir.mkdir(parents=True, exist_ok=True)
     ws = job_dir / "ws"
@@ -192,6 +194,9 @@ def run_job(
             tail = "\n".join(f"    {line}" for line in lines[-15:])
             raise StageError(f"sweep job {name} ({' '.join(overrides)}) failed:\n{tail}\n  full log: {log_path}")
         metrics = json.loads((ws / EVAL_JSON).read_text(encoding="utf-8"))
+        for rel in keep:
+            shutil.rmtree(job_dir / rel, ignore_errors=True)
+            shutil.copytree(ws / rel, job_dir / rel)
     finally:
         shutil.rmtree(ws, ignore_errors=True)
     key = onnx_metrics_key(cfg.builder.precision)
