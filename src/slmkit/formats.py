@@ -68,7 +68,10 @@ def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
         elif vnni:
             unit = "VNNI int8 dot products"
         else:
-            unit = "no VNNI on this CPU: onnxruntime's AVX2/SSE int8 fallback (several times slower; measure fp32_cpu)"
+            unit = (
+                "no VNNI on this CPU: onnxruntime's AVX2/SSE int8 path (u8 weights keep it exact; measured slower "
+                "than fp32 here: metrics/int8_no_vnni_run.json, builder=fp32_cpu)"
+            )
         return f"{precision} projections: {unit}"
     return "fp32 projections: " + ("AVX-512" if f.get("avx512f") else "AVX2" if f.get("avx2") else "SSE fallback")
 

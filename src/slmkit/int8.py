@@ -1,9 +1,14 @@
 """builder.precision=int8: ModelBuilder's fp32 model with its base MatMuls in int8 (onnxruntime dynamic quantization).
 
-Weights int8 per output channel; activations quantized to 8 bits per tensor at run time: quantize_dynamic
-writes DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses at load into DynamicQuantizeMatMul,
-its VNNI int8 kernel. On the machines measured in docs/speed.md this kernel does a
-prompt's matrix products about 3x faster than the fp32 and int4 (MatMulNBits) ones.
+Weights 8-bit per output channel; activations quantized to 8 bits per tensor at run time: quantize_dynamic
+writes DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses at load into DynamicQuantizeMatMul.
+
+The weights are unsigned (QUInt8: u8 activations x u8 weights), not onnxruntime's default signed QInt8. On a
+CPU without VNNI, onnxruntime computes u8 x s8 with AVX2's vpmaddubsw, which adds pairs of products in 16 bits
+and saturates: measured on a 2-core AMD EPYC with AVX2 only, the default run's model scored 0.3069 with QInt8
+weights, 0.8519 with QInt8 in 7 bits (reduce_range: refused by the gate), 0.8836 with QUInt8, against 0.8783
+merged (metrics/int8_no_vnni_run.json). u8 x u8 widens to 16 bits first and is exact on every CPU, so the same
+artifact gives the same answers on any machine (the built model must not depend on where it runs).
 
 The LoRA branches of a separate build (builder.adapter=separate) and the projections builder.exclude names
 stay fp32. Olive's OnnxDynamicQuantization pass calls the same onnxruntime function, but on a model with LoRA
@@ -23,6 +28,8 @@ from slmkit.stage import StageError
 
 log = logging.getLogger(__name__)
 
+# u8 weights (QuantType.QUInt8, by name: onnxruntime is imported where it is used): exact on every CPU.
+WEIGHT_TYPE_NAME = "QUInt8"
 # What quantize_dynamic makes of a MatMul it quantized (MatMulInteger; fused forms where it fuses them).
 INT8_OPS = ("DynamicQuantizeMatMul", "MatMulInteger")
 
@@ -57,14 +64,14 @@ def quantize(folder: Path, exclude: list[str], work: Path) -> int:
     nodes = to_quantize(graph, exclude)
     if not nodes:
         raise StageError(f"int8: {folder / 'model.onnx'} has no projection MatMul left to quantize (builder.exclude)")
-    log.info("int8: quantizing %d MatMuls (onnxruntime dynamic quantization, per channel)", len(nodes))
+    log.info("int8: quantizing %d MatMuls (onnxruntime dynamic quantization, u8 weights per channel)", len(nodes))
     out = work / "int8"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     quantize_dynamic(
         folder / "model.onnx",
         out / "model.onnx",
-        weight_type=QuantType.QInt8,
+        weight_type=getattr(QuantType, WEIGHT_TYPE_NAME),
         per_channel=True,
         op_types_to_quantize=["MatMul"],
         nodes_to_quantize=nodes,
@@ -90,3 +97,17 @@ def check_int8(model: Path, expected: int, log_path: Path) -> None:
             f"int8: {model / 'model.onnx'} has {len(quantized)} int8 MatMuls where {expected} were quantized, "
             f"{len(lora)} of them LoRA branches ({lora[:3]}).\n  full log: {log_path}"
         )
+    signed = sorted(weight_types(graph) - {"UINT8"})
+    if signed:
+        raise StageError(
+            f"int8: {model / 'model.onnx'} has {signed} int8 weights where u8 ({WEIGHT_TYPE_NAME}) were asked for: "
+            f"u8 x s8 saturates on CPUs without VNNI (slmkit.int8).\n  full log: {log_path}"
+        )
+
+
+def weight_types(graph) -> set[str]:
+    """The element types of the quantized MatMuls' weights (MatMulInteger's second input)."""
+    from onnx import TensorProto
+
+    types = {t.name: TensorProto.DataType.Name(t.data_type) for t in graph.initializer}
+    return {types[n.input[1]] for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in types}
