@@ -54,7 +54,7 @@ def test_prompt_profile_splits_the_time_by_operator(tiny_model_dirs):
 
 def test_kernel_note_says_what_a_cpu_without_the_features_falls_back_to(tiny_model_dirs):
     none = dict.fromkeys(formats.CPU_FEATURES, False)
-    assert "no VNNI" in formats.kernel_note("int8", none) and "fallback" in formats.kernel_note("int8", none)
+    assert "no VNNI" in formats.kernel_note("int8", none) and "AVX2/SSE int8 path" in formats.kernel_note("int8", none)
     assert "VNNI" in formats.kernel_note("int8", {**none, "avx512_vnni": True})
     assert "AMX" in formats.kernel_note("int4", {**none, "amx_int8": True, "avx512_vnni": True})
     assert formats.kernel_note("fp32", {**none, "avx2": True}) == "fp32 projections: AVX2"
