@@ -35,18 +35,15 @@ def _family(name: str) -> families.Family:
 
 
 @pytest.fixture(scope="session")
-def tok():
-    return tiny_gguf.tokenizer()
-
-
-@pytest.fixture(scope="session")
-def gguf_files(tmp_path_factory, tok) -> dict[str, tuple[Path, torch.nn.Module]]:
-    """Every loadable family's tiny GGUF file and the model it was written from."""
+def gguf_files(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module, object]]:
+    """Every loadable family's tiny GGUF file, the model it was written from and its tokenizer."""
     folder = tmp_path_factory.mktemp("ggufs")
     out = {}
     for name in LOADABLE:
-        model = tiny_gguf.random_model(_family(name), tok)
-        out[name] = (tiny_gguf.write(_family(name), model, tok, folder / f"{name}.gguf"), model)
+        family = _family(name)
+        tok = tiny_gguf.tokenizer(family)
+        model = tiny_gguf.random_model(family, tok)
+        out[name] = (tiny_gguf.write(family, model, tok, folder / f"{name}.gguf"), model, tok)
     return out
 
 
@@ -61,17 +58,18 @@ def test_table_is_consistent():
 
 
 @pytest.mark.parametrize("name", LOADABLE)
-def test_transformers_reads_the_file_back(name: str, gguf_files, tok):
+def test_transformers_reads_the_file_back(name: str, gguf_files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, model = gguf_files[name]
+    path, model, tok = gguf_files[name]
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     assert loaded.config.model_type == _family(name).model_type
     assert loaded.config.tie_word_embeddings == model.config.tie_word_embeddings
     read_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt").input_ids
-        assert read_tok(prompt, return_tensors="pt").input_ids.tolist() == ids.tolist(), prompt
+        read = read_tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        assert read.tolist() == ids.tolist(), prompt
         with torch.no_grad():
             assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5), prompt
 
@@ -80,7 +78,7 @@ def test_transformers_reads_the_file_back(name: str, gguf_files, tok):
 def test_conversion_gives_what_modelbuilder_reads(name: str, gguf_files, tmp_path: Path):
     """The base stage's conversion: ModelBuilder's class, the builder fields, the LoRA targets, the template."""
     family = _family(name)
-    path, model = gguf_files[name]
+    path, model, _ = gguf_files[name]
     facts = gguf.convert(str(path), tmp_path / "model")
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["architectures"] == [family.hf_class]
@@ -115,7 +113,7 @@ def _overrides(name: str, path: Path | str) -> list[str]:
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_compose_checks_the_targets_against_the_file(name: str, gguf_files):
-    path, model = gguf_files[name]
+    path, model, _ = gguf_files[name]
     found = arch.check(compose(_overrides(name, path)))
     assert found["parameters"] == sum(p.numel() for p in model.parameters())
     with pytest.raises(ConfigError, match=rf"'lora.target_modules'.*the {name} family's LoRA targets"):
@@ -124,7 +122,7 @@ def test_compose_checks_the_targets_against_the_file(name: str, gguf_files):
 
 @pytest.mark.parametrize("name", [n for n in REFUSED if n in LOADABLE])
 def test_refused_family_is_refused_at_compose(name: str, gguf_files):
-    path, _ = gguf_files[name]
+    path, _, _ = gguf_files[name]
     with pytest.raises(ConfigError) as err:
         arch.check(compose(_overrides(name, path)))
     message = str(err.value)
@@ -252,6 +250,8 @@ def test_family_runs_the_pipeline_and_classifies(name: str, matrix: _Matrix):
     hf_tok = AutoTokenizer.from_pretrained(built / "merge" / "model")
     for prompt in PROMPTS:
         assert genai.encode(prompt) == hf_tok(prompt, add_special_tokens=True)["input_ids"], prompt
+    prompts = [hf_tok(p)["input_ids"] for p in PROMPTS]
+    _fp32_build_matches_transformers(built / "merge" / "model", built / "fp32", prompts)
     out = run(
         [
             str(VENV / "bin" / "python"),
@@ -267,3 +267,55 @@ def test_family_runs_the_pipeline_and_classifies(name: str, matrix: _Matrix):
     ).stdout
     label = out.split("\t", 1)[0].strip()
     assert label in ("Sadness", "Joy", "Fear", "Surprise"), out
+
+
+def _fp32_build_matches_transformers(merged: Path, work: Path, prompts: list[list[int]]) -> None:
+    """ModelBuilder at fp32 on the merged model computes transformers' logits: every config field it reads
+    (rotary base, head size, norms, soft-capping, tied head) was read right. The int8 build cannot show it."""
+    import numpy as np
+    import onnxruntime_genai as og
+    from onnxruntime_genai.models.builder import create_model
+    from transformers import AutoModelForCausalLM
+
+    create_model("", str(merged), str(work / "onnx"), "fp32", "cpu", str(work / "cache"))
+    onnx = og.Model(str(work / "onnx"))
+    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    for ids in prompts:
+        generator = og.Generator(onnx, og.GeneratorParams(onnx))
+        generator.append_tokens(ids)
+        logits = np.asarray(generator.get_output("logits"))[0, -1]
+        with torch.no_grad():
+            expected = hf(torch.tensor([ids])).logits[0, -1].numpy()
+        assert np.abs(logits - expected).max() < 1e-4, (ids, np.abs(logits - expected).max())
+
+
+def test_docs_list_exactly_the_families_the_matrix_runs():
+    """docs/models.md's tables and the README's list name what the table supports and refuses, nothing else."""
+    text = (REPO_ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    section = text.split("## Supported families\n", 1)[1].split("\n## ", 1)[0]
+    supported_table, refused_table = section.split("Refused before any training:", 1)
+    listed = [row[0] for row in _rows(supported_table)[1:]]
+    assert listed == SUPPORTED, listed
+    for row in _rows(supported_table)[1:]:
+        family = _family(row[0])
+        assert row[1:4] == [
+            f"`{family.gguf_architecture}`",
+            f"`{family.model_type}`",
+            f"`{' '.join(family.target_modules)}`",
+        ]
+        assert row[4] == ("yes" if family.separate_adapter else "no"), row
+        assert row[5] == (" ".join(f"`{k}`" for k in family.builder_fields) or "none"), row
+    refused = [row[0].split(" ")[0] for row in _rows(refused_table)[1:]]
+    assert refused == [*REFUSED, "any"], refused
+    names = ", ".join(SUPPORTED[:-1]) + " and " + SUPPORTED[-1]
+    assert f"families](#supported-families): {names}." in " ".join(text.split()), "docs/models.md intro"
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"supported families ({', '.join(SUPPORTED)})" in readme
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    ]

@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 600  # an upper bound for the BPE; it differs from every linear width below (ModelBuilder finds
 # the LM head by its width)
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, CONTEXT = 64, 2, 4, 2, 96, 512
+ROPE_THETA = 50000.0
 
 # Each family's own chat turn, written into the file as tokenizer.chat_template.
 CHAT_TEMPLATES = {
@@ -33,13 +34,51 @@ TEMPLATE_OF = {"phi3": "phi3", "gemma2": "gemma", "gemma3": "gemma"}
 UNTIED = ("phi3", "qwen2", "starcoder2")
 
 
-def tokenizer():
-    """The tiny BPE tokenizer trained on the shipped tone phrases (deterministic)."""
-    from slmkit.tiny import train_tokenizer
-
+def _texts() -> list[str]:
     lines = (REPO_ROOT / "data" / "tones.jsonl").read_text(encoding="utf-8").splitlines()
     texts = [json.loads(line)["phrase"] for line in lines if line.strip()]
-    return train_tokenizer(texts + ["### Text:", "### The tone is:", "Sadness Joy Fear Surprise"], VOCAB)
+    return texts + ["### Text:", "### The tone is:", "Sadness Joy Fear Surprise"]
+
+
+def tokenizer(family: Family | None = None):
+    """The family's kind of tokenizer, tiny and trained on the shipped tone phrases (deterministic):
+    SentencePiece-style BPE (spaces as ▁, byte fallback) for Gemma, whose files carry that kind and whose
+    transformers tokenizer class reads no other; else the kit's byte-level BPE (slmkit.tiny.train_tokenizer)."""
+    if family is not None and family.name in SENTENCEPIECE:
+        return _sentencepiece_tokenizer()
+    from slmkit.tiny import train_tokenizer
+
+    tok = train_tokenizer(_texts(), VOCAB)
+    # Real GGUF vocabularies name an unknown token.
+    tok.add_special_tokens({"unk_token": "<unk>"})
+    return tok
+
+
+SENTENCEPIECE = ("gemma2", "gemma3")
+SP_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+SP_BYTES = [f"<0x{b:02X}>" for b in range(256)]
+
+
+def _sentencepiece_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB + len(SP_BYTES), special_tokens=SP_SPECIALS + SP_BYTES, show_progress=False
+    )
+    tok.train_from_iterator(_texts(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def hf_config(family: Family, vocab_size: int, eos_id: int):
@@ -70,6 +109,9 @@ def hf_config(family: Family, vocab_size: int, eos_id: int):
     # tiny layout has it too.
     config = AutoConfig.for_model(family.model_type, **fields)
     config.architectures = [family.hf_class]
+    if "rope_theta" in config.rope_parameters:
+        # Not the default 10000: a builder that misses the file's rotary base then computes other logits.
+        config.rope_parameters["rope_theta"] = ROPE_THETA
     return config
 
 
@@ -122,16 +164,28 @@ def write(family: Family, model, tok, path: Path, name: str | None = None) -> Pa
     vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     special = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values()}
-    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(tok.eos_token_id)
+    if family.name in SENTENCEPIECE:
+        # llama.cpp's "llama" (SentencePiece) vocabulary: no merges, a score per token (the file's order
+        # is the merge order), byte tokens for the fallback.
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        kinds = {"<unk>": TokenType.UNKNOWN, **{b: TokenType.BYTE for b in SP_BYTES}}
+        writer.add_token_types([kinds.get(t, TokenType.CONTROL if t in special else TokenType.NORMAL) for t in tokens])
+        writer.add_bos_token_id(tok.bos_token_id)
+        writer.add_add_bos_token(True)
+    else:
+        merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+        writer.add_bos_token_id(tok.eos_token_id)
+        writer.add_add_bos_token(False)
     writer.add_eos_token_id(tok.eos_token_id)
-    writer.add_pad_token_id(tok.eos_token_id)
-    writer.add_add_bos_token(False)
+    writer.add_pad_token_id(tok.pad_token_id)
+    writer.add_unk_token_id(tok.unk_token_id)
     writer.add_chat_template(CHAT_TEMPLATES[TEMPLATE_OF.get(family.name, "chatml")])
 
     names = {hf: gg for gg, hf in get_gguf_hf_weights_map(model, TensorProcessor(), family.gguf_architecture).items()}

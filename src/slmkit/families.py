@@ -53,7 +53,16 @@ FAMILIES: tuple[Family, ...] = (
         builder_fields={"original_max_position_embeddings": "max_position_embeddings"},
     ),
     Family("gemma2", "gemma2", "gemma2", "Gemma2ForCausalLM", LLAMA_TARGETS),
-    Family("gemma3", "gemma3", "gemma3_text", "Gemma3ForCausalLM", LLAMA_TARGETS),
+    Family(
+        "gemma3",
+        "gemma3",
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        LLAMA_TARGETS,
+        refused="ModelBuilder (onnxruntime-genai 0.14.1) builds Gemma-3 from config.rope_local_base_freq and "
+        "config.rope_theta, which transformers 5.x folds into rope_parameters when it loads config.json "
+        "(AttributeError: no attribute 'rope_local_base_freq'): no config field can carry them",
+    ),
     Family(
         "mistral",
         "mistral",
