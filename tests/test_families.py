@@ -319,3 +319,19 @@ def _rows(text: str) -> list[list[str]]:
         for line in text.splitlines()
         if line.startswith("|") and not line.startswith("|---")
     ]
+
+
+def test_shipped_gguf_model_configs_belong_to_a_supported_family():
+    """conf/model/*.yaml with source: gguf declare a supported family's model_type and its LoRA targets."""
+    import yaml
+
+    checked = 0
+    for path in sorted((REPO_ROOT / "conf" / "model").glob("*.yaml")):
+        model = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if model.get("source") != "gguf":
+            continue
+        family = families.for_model_type(model["architecture"]["model_type"])
+        assert family is not None and family.refused is None, path
+        assert set(model["target_modules"]) <= set(family.target_modules), path
+        checked += 1
+    assert checked, "no GGUF model config in conf/model/"

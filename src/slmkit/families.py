@@ -34,6 +34,9 @@ class Family:
     # config.json fields the base stage adds for ModelBuilder: name -> (how it is derived, see builder_values).
     builder_fields: dict[str, str] = field(default_factory=dict)
     refused: str | None = None  # why this family cannot run the chain; None: supported
+    # Packed projections: one linear layer whose output ModelBuilder splits, naming the LoRA branch of each
+    # part after the part (slmkit.olive_config keeps every such branch out of int4).
+    packed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,6 +54,7 @@ FAMILIES: tuple[Family, ...] = (
         # The GGUF header has no original context length: transformers leaves Phi3Config's 4096, and
         # ModelBuilder takes any other max_position_embeddings for a LongRoPE model (KeyError 'multi_cache').
         builder_fields={"original_max_position_embeddings": "max_position_embeddings"},
+        packed={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
     ),
     Family("gemma2", "gemma2", "gemma2", "Gemma2ForCausalLM", LLAMA_TARGETS),
     Family(
@@ -107,6 +111,11 @@ def refusal(architecture: str) -> str | None:
     if family.refused:
         return f"architecture '{architecture}' ({family.name}) is refused: {family.refused} (supported: {names})"
     return None
+
+
+def packed_parts() -> dict[str, tuple[str, ...]]:
+    """Every family's packed projections and their parts (the tiny Phi-3 and hub Phi-3 models included)."""
+    return {name: parts for f in FAMILIES for name, parts in f.packed.items()}
 
 
 def builder_values(family: Family, config: Any) -> dict[str, Any]:
