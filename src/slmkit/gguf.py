@@ -136,9 +136,14 @@ def layout(info: GGUFInfo):
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    fields = load_gguf_checkpoint(str(info.path), return_tensors=False)["config"]
-    fields = {k: v for k, v in fields.items() if not k.startswith("_")}
-    return AutoConfig.for_model(**fields)
+    try:
+        fields = load_gguf_checkpoint(str(info.path), return_tensors=False)["config"]
+        return AutoConfig.for_model(**{k: v for k, v in fields.items() if not k.startswith("_")})
+    except (ValueError, KeyError, TypeError, NotImplementedError) as err:
+        raise ConfigError(
+            f"config key 'model.path': model.path={info.path}: transformers cannot read a model layout from its "
+            f"header ({type(err).__name__}: {err}). Use a complete GGUF file of a supported family"
+        ) from None
 
 
 def _field(reader, key: str, default: object = ...) -> str | None:
