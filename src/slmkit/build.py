@@ -39,5 +39,15 @@ def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path | N
     if b.adapter == "separate" and adapter is not None:
         names = olive_run.tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
         matrices = [n for n in names if "lora_A" in n or "lora_B" in n]
-        olive_run.check_lora_branches(output, len(matrices), log_path)
+        olive_run.check_lora_branches(output, branch_count(matrices), log_path)
     return output
+
+
+def branch_count(matrices: list[str]) -> int:
+    """LoRA-branch MatMuls ModelBuilder makes for the adapter's LoRA matrices: one per matrix, and one per
+    part for a packed projection (Phi-3's qkv_proj and gate_up_proj, split into q/k/v and gate/up)."""
+    count = 0
+    for name in matrices:
+        module = name.split(".lora_", 1)[0].rsplit(".", 1)[-1]
+        count += len(olive_config.PACKED_PARTS.get(module, (module,)))
+    return count
