@@ -109,8 +109,11 @@ def hf_config(family: Family, vocab_size: int, eos_id: int):
     # tiny layout has it too.
     config = AutoConfig.for_model(family.model_type, **fields)
     config.architectures = [family.hf_class]
-    if "rope_theta" in config.rope_parameters:
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    if "rope_theta" in config.rope_parameters and "rope.freq_base" in GGUF_CONFIG_MAPPING[family.gguf_architecture]:
         # Not the default 10000: a builder that misses the file's rotary base then computes other logits.
+        # (starcoder2's loader reads no rotary base: its file keeps the default.)
         config.rope_parameters["rope_theta"] = ROPE_THETA
     return config
 
