@@ -15,6 +15,7 @@ from conftest import PHRASES, TINY_SERVING
 
 from slmkit import adapters
 from slmkit.adapters import AdapterMismatch
+from slmkit.build import weights_as_inputs
 from slmkit.gate import NotShipped
 from slmkit.inference import GenaiModel, load, save_prompt_config
 
@@ -65,12 +66,13 @@ def kit(tmp_path_factory, tiny_tokenizer, _composed) -> dict[str, Path]:
     bases = {"a": "base", "b": "base_b", "o": "base_o", "x": "other_base"}
     for name, (base_name, r, seed, targets) in specs.items():
         peft = _peft(hf[base_name], root / f"peft_{name}", r, seed, targets)
-        built = root / f"{name}_model"
-        create_model("", str(hf[base_name]), str(built), "fp32", "cpu", str(root / "cache"), prune_lm_head=True,
+        plain = root / f"{name}_plain"
+        create_model("", str(hf[base_name]), str(plain), "fp32", "cpu", str(root / "cache"), prune_lm_head=True,
                      adapter_path=str(peft))  # fmt: skip
-        save_prompt_config(_composed.data, built)
+        save_prompt_config(_composed.data, plain)
+        built = weights_as_inputs(_composed, plain, root / f"work_{name}")  # as build_onnx does
         folder = root / f"adapter_{name}"
-        manifest = adapters.export(_composed, built, root / f"work_{name}", root / bases[name], folder)
+        manifest = adapters.split(_composed, built, root / bases[name], folder)
         (folder / adapters.MANIFEST).write_text(json.dumps(adapters.adapter_manifest(manifest, r, 2 * r, PASSED)))
         save_prompt_config(_composed.data, folder)
         for file in adapters.PEFT_FILES:
@@ -88,6 +90,16 @@ def test_every_rank_of_one_base_model_and_recipe_gets_the_same_base(kit):
     assert adapters.base_fingerprint(kit["base"]) != adapters.base_fingerprint(kit["base_o"])
     inputs = adapters.read_base(kit["base"])["inputs"]
     assert all(adapters.RANK_DIM in shape for shape in inputs.values())
+
+
+def test_the_built_model_with_weights_as_inputs_computes_what_it_did_with_them_constant(kit):
+    """weights_as_inputs changes how onnxruntime holds the LoRA weights, not what the model computes."""
+    prompts = [PHRASES[1], PHRASES[2]]
+    built, plain = GenaiModel(kit["a_model"]), GenaiModel(kit["a_model"].parent.parent / "a_plain")
+    for prompt in prompts:
+        ids = [built.encode(prompt)]
+        assert np.abs(np.asarray(built.first_logits(ids)) - np.asarray(plain.first_logits(ids))).max() < 1e-4
+    assert adapters.graph_inputs(kit["a_model"] / "model.onnx")  # the weights are inputs
 
 
 def test_an_adapter_on_the_shared_base_computes_its_own_model(kit):

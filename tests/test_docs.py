@@ -187,10 +187,33 @@ def dry_run(tmp_path: Path, monkeypatch, capsys):
     script = _compose_script()
 
     def run(overrides: list[str]) -> tuple[int, str]:
-        code = script.main(["--dry-run", *overrides])
+        code = script.main(["--dry-run", *[_stand_in(o, tmp_path) for o in overrides]])
         return code, capsys.readouterr().err
 
     return run
+
+
+def _stand_in(override: str, folder: Path) -> str:
+    """A documented model.path=<file>.gguf that is not on this machine, as a header-only GGUF file of the
+    family its name says: `make config` opens the file (a missing one is refused), and reads its header."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from slmkit import families
+
+    key, _, value = override.partition("=")
+    if key != "model.path" or not value.endswith(".gguf") or Path(value).exists():
+        return override
+    name = re.sub(r"[^a-z0-9]", "", Path(value).name.lower())
+    arch = next((f.gguf_architecture for f in families.supported() if f.gguf_architecture in name), None)
+    assert arch, f"documented model.path={value}: name a supported family in the file name"
+    writer = GGUFWriter(str(folder / Path(value).name), arch)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return f"model.path={folder / Path(value).name}"
 
 
 def _first_values(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -225,8 +248,9 @@ def test_documented_command_composes(command: Command, dry_run):
     this process: compose, schema, value rules, the layout check on the meta device. A sweep's overrides
     must parse with Hydra's override parser; with each sweep cut to its first value, the hydra/ group
     choices and hydra.* keys compose with Hydra's own config, and the job's overrides go through the same
-    dry run. Files the commands name (a data file, a .gguf file) are not opened: composing reads no data
-    or weights (the prepare and base stages do), so such a path composes as written, on any machine."""
+    dry run. A data file the commands name is not opened (the prepare stage reads it), so its path composes
+    as written on any machine; a .gguf file is (`make config` refuses a missing one and reads the header),
+    so one not on this machine is stood in for by a header-only file of the family its name says."""
     assert command.target in COMPOSE_TARGETS | {"sweep"}, f"{command.where}: make {command.target} takes no ARGS"
     overrides = command.overrides
     if command.target == "sweep":

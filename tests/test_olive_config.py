@@ -568,3 +568,18 @@ def test_exclude_names_each_layers_matmuls_and_the_lm_head():
     ]
     assert excluded_nodes(["lm_head"], 2) == ["/lm_head/MatMul"]
     assert excluded_nodes(["o_proj", "lm_head"], 1)[-1] == "/lm_head/MatMul"
+
+
+def test_branch_count_splits_packed_projections():
+    """ModelBuilder builds a packed projection's LoRA branch once per part (q/k/v, gate/up)."""
+    from slmkit.build import branch_count
+
+    layer = "base_model.model.model.layers.0"
+    names = [
+        f"{layer}.self_attn.qkv_proj.lora_A.weight",
+        f"{layer}.self_attn.qkv_proj.lora_B.weight",
+        f"{layer}.mlp.gate_up_proj.lora_A.weight",
+        f"{layer}.self_attn.o_proj.lora_B.weight",
+        f"{layer}.self_attn.q_proj.lora_A.weight",
+    ]
+    assert branch_count(names) == 3 + 3 + 2 + 1 + 1

@@ -73,24 +73,17 @@ def base_recipe(cfg) -> dict[str, Any]:
 
 
 def graph_inputs(model_file: Path) -> dict[str, list]:
-    """The LoRA weight inputs of a base graph: name -> shape (a dimension is an int or a symbolic name)."""
+    """The LoRA weight inputs of a graph: name -> shape (a dimension is an int or a symbolic name)."""
     import onnx
 
     graph = onnx.load(str(model_file), load_external_data=False).graph
-    shapes = {}
-    for value in graph.input:
-        if ".lora_A." in value.name or ".lora_B." in value.name:
-            dims = value.type.tensor_type.shape.dim
-            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-    return shapes
+    return {name: shape for name, shape in _input_shapes(graph).items() if is_lora_weight(name)}
 
 
 def adapter_parameters(file: Path) -> dict[str, list[int]]:
     """name -> shape of the tensors in an .onnx_adapter file (onnxruntime's reader)."""
-    import onnxruntime as ort
 
-    params = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
-    return {name: list(value.shape()) for name, value in params.items()}
+    return {name: list(value.shape()) for name, value in _read_adapter(file).items()}
 
 
 def lora_module(param: str) -> str:
@@ -183,63 +176,93 @@ def gate_problem(adapter: Adapter) -> str | None:
     return None
 
 
-def rank_free(model_file: Path) -> int:
-    """Make a base's graph independent of the rank it was built with: ModelBuilder records the shape of each
-    lora_A output, rank included, in the graph's value_info; Olive makes the weights' rank dynamic but leaves
-    those. Each such rank becomes the weights' symbolic `lora_r`, so every rank's base is the same bytes.
-    Returns how many shapes changed; the external data file is not touched."""
-    import onnx
-
-    model = onnx.load(str(model_file), load_external_data=False)
+def rank_free(graph_model) -> int:
+    """Make a graph independent of the rank it was built with: ModelBuilder records the shape of each lora_A
+    output, rank included, in the graph's value_info; Olive makes the weights' rank dynamic but leaves those.
+    Each such rank becomes the weights' symbolic `lora_r`, so every rank's base is the same bytes."""
     changed = 0
-    for value in model.graph.value_info:
+    for value in graph_model.graph.value_info:
         if "/lora_A/" in value.name and value.type.tensor_type.shape.dim:
             last = value.type.tensor_type.shape.dim[-1]
             if last.HasField("dim_value"):
                 last.Clear()
                 last.dim_param = RANK_DIM
                 changed += 1
-    onnx.save(model, str(model_file))
     return changed
 
 
-def export(cfg, model: Path, work: Path, base: Path, folder: Path) -> dict[str, Any]:
-    """Olive's ExtractAdapters on the built `model` (LoRA branches apart) -> `base` (the graph with adapter
-    inputs, its tokenizer and genai_config.json, BASE_MANIFEST) and `folder`/ADAPTER_FILE. Returns the base
-    manifest. A tool that wrote nothing usable fails here (olive_run.StageError)."""
+def split(cfg, model: Path, base: Path, folder: Path) -> dict[str, Any]:
+    """A built model whose LoRA weights are inputs with defaults (weights_as_inputs) -> `base`: the same graph
+    with empty defaults (rank 0: the base model alone), its tokenizer and genai_config.json, BASE_MANIFEST; and
+    `folder`/ADAPTER_FILE: the defaults' values in onnxruntime's adapter format. Returns the base manifest."""
     import shutil
 
-    from slmkit import olive_config, olive_run
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
 
-    log_path = work / "olive.log"
-    output = olive_run.run_workflow(olive_config.extract_adapters_workflow(cfg, model, work), work, "ExtractAdapters")
-    weights = output / "adapter_weights.onnx_adapter"
-    olive_run.require([output / "model.onnx", weights], "ExtractAdapters", log_path)
+    graph_model = onnx.load(str(Path(model) / "model.onnx"))
+    shapes = {name: shape for name, shape in _input_shapes(graph_model.graph).items() if is_lora_weight(name)}
+    params = {}
+    for tensor in graph_model.graph.initializer:
+        if tensor.name in shapes:
+            params[tensor.name] = numpy_helper.to_array(tensor)
+            empty = [0 if isinstance(d, str) else d for d in shapes[tensor.name]]
+            tensor.CopyFrom(numpy_helper.from_array(np.zeros(empty, dtype=params[tensor.name].dtype), tensor.name))
+    if not params:
+        raise AdapterMismatch(
+            f"{model} has no LoRA weights as inputs: build with builder.adapter=separate (int8_cpu, int4_cpu)"
+        )
     base.mkdir(parents=True)
     folder.mkdir(parents=True, exist_ok=True)
+    save_graph(graph_model, base)
     for path in Path(model).iterdir():
         if path.is_file() and path.suffix not in GRAPH_SUFFIXES and path.name != "README.md":
             shutil.copy2(path, base / path.name)
-    for path in output.iterdir():
-        if path.suffix in GRAPH_SUFFIXES:
-            shutil.copy2(path, base / path.name)
-    shutil.copy2(weights, folder / ADAPTER_FILE)
-    rank_free(base / "model.onnx")
-    inputs = graph_inputs(base / "model.onnx")
-    params = adapter_parameters(folder / ADAPTER_FILE)
-    if not inputs or set(params) != set(inputs):
-        raise olive_run.StageError(
-            f"Olive ExtractAdapters made {len(inputs)} adapter inputs of {model} and wrote {len(params)} weights; "
-            f"they must be the same, and more than none (full log: {log_path})"
-        )
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in sorted(params.items())})
+    adapter.export_adapter(str(folder / ADAPTER_FILE))
     manifest = {
         "sha256": base_fingerprint(base),
         "recipe": base_recipe(cfg),
         "target_modules": sorted({lora_module(p) for p in params}),
-        "inputs": inputs,
+        "inputs": shapes,
     }
     (base / BASE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _read_adapter(file: Path) -> dict:
+    import onnxruntime as ort
+
+    return ort.AdapterFormat.read_adapter(str(file)).get_parameters()
+
+
+def is_lora_weight(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def _input_shapes(graph) -> dict[str, list]:
+    shapes = {}
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+    return shapes
+
+
+def save_graph(graph_model, folder: Path) -> None:
+    """model.onnx with every tensor over 1 KiB in model.onnx.data (ModelBuilder's layout)."""
+    import onnx
+
+    onnx.save(
+        graph_model,
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
 
 
 def adapter_manifest(base_manifest: dict, rank: int, alpha: float, gate: dict | None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from slmkit.config import Config, ConfigError, ModelConfig
 
 
 def hf_config(model: ModelConfig) -> Any | None:
-    """transformers config of the model: from the tiny sizes, model.architecture or a local config.json.
+    """transformers config of the model: from the tiny sizes, model.architecture, a GGUF file's header or a
+    local config.json.
 
     None for a hub model whose layout is not written in the config (nothing can be checked offline)."""
     from transformers import AutoConfig
@@ -27,6 +28,11 @@ def hf_config(model: ModelConfig) -> Any | None:
             return AutoConfig.for_model(model.architecture["model_type"], **fields)
         except (KeyError, ValueError, TypeError) as err:
             raise ConfigError(f"config key 'model.architecture': cannot build a model config: {err}") from None
+    if model.source == "gguf" and model.path:
+        from slmkit import gguf
+
+        info = gguf.check_config(model)
+        return gguf.layout(info) if info is not None else None
     if model.source == "local" and model.path and (Path(model.path) / "config.json").is_file():
         return AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     return None
@@ -59,7 +65,20 @@ def parameter_count(net) -> int:
 def check(cfg: Config) -> dict[str, Any] | None:
     """Check cfg.lora.target_modules (and model.architecture.num_parameters) against the model's layout.
 
+    A GGUF file (model.source=gguf) is checked first: it exists, is GGUF and of a supported family
+    (slmkit.families), and model.architecture (when given) names that family's model_type.
+
     Returns {"parameters", "modules"} or None when the layout is unknown (hub model without architecture)."""
+    from slmkit import gguf
+
+    info = gguf.check_config(cfg.model)
+    family = info.family if info is not None else None
+    declared = (cfg.model.architecture or {}).get("model_type")
+    if family is not None and declared is not None and declared != family.model_type:
+        raise ConfigError(
+            f"config key 'model.architecture': model_type '{declared}', but model.path={cfg.model.path} is a "
+            f"{family.name} file (model_type '{family.model_type}'); fix the fields or set model.architecture=null"
+        )
     net = meta_model(cfg.model)
     if net is None:
         return None
@@ -67,9 +86,10 @@ def check(cfg: Config) -> dict[str, Any] | None:
     targets = cfg.lora.target_modules or []
     missing = sorted(set(targets) - names)
     if missing:
+        hint = f"; the {family.name} family's LoRA targets are {list(family.target_modules)}" if family else ""
         raise ConfigError(
             f"config key 'lora.target_modules': {missing} not in model {cfg.model.name}; "
-            f"its adaptable layers are {sorted(names)}"
+            f"its adaptable layers are {sorted(names)}{hint}"
         )
     count = parameter_count(net)
     expected = (cfg.model.architecture or {}).get("num_parameters")

@@ -8,6 +8,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit import families
+from slmkit.config import ConfigError, ModelConfig
 from slmkit.data import sha256_file
 from slmkit.stage import StageError, log
 
@@ -26,6 +28,7 @@ class GGUFInfo:
     name: str | None
     tensor_types: tuple[str, ...]  # sorted, distinct
     chat_template: str | None
+    family: families.Family
 
 
 def _error(path_setting: str, problem: str, fix: str) -> StageError:
@@ -56,7 +59,12 @@ def inspect(path_setting: str) -> GGUFInfo:
 
     path = resolve(path_setting)
     if not path.is_file():
-        raise _error(path_setting, f"no such file ({path.resolve()})", "Point model.path at a .gguf file")
+        raise _error(
+            path_setting,
+            f"no such file ({path.resolve()})",
+            "Point model.path at a .gguf file (relative paths are relative to the repo root), "
+            "or pkg:<package>/<file> for one inside an installed wheel",
+        )
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != MAGIC:
@@ -86,6 +94,13 @@ def inspect(path_setting: str) -> GGUFInfo:
             f"architecture '{architecture}' is not supported by transformers' GGUF loader",
             f"Supported: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}",
         )
+    refused = families.refusal(architecture)
+    if refused:
+        raise _error(
+            path_setting,
+            refused,
+            'Use a GGUF file of a supported family (docs/models.md, "Supported families")',
+        )
     types = tuple(sorted({t.tensor_type.name for t in reader.tensors}))
     known = set(PLAIN_TYPES) | {t.name for t in _type_traits}
     unknown = [t for t in types if t not in known]
@@ -101,7 +116,34 @@ def inspect(path_setting: str) -> GGUFInfo:
         name=_field(reader, "general.name", None),
         tensor_types=types,
         chat_template=_field(reader, "tokenizer.chat_template", None),
+        family=families.for_architecture(architecture),  # type: ignore[arg-type]
     )
+
+
+def check_config(model: ModelConfig) -> GGUFInfo | None:
+    """At compose time (make params / make config): the file model.path names exists, is GGUF and of a
+    supported family; else a ConfigError naming the key, the file and what to do. None unless source=gguf."""
+    if model.source != "gguf" or not model.path:
+        return None
+    try:
+        return inspect(model.path)
+    except StageError as err:
+        raise ConfigError(f"config key 'model.path': {err}") from None
+
+
+def layout(info: GGUFInfo):
+    """The transformers config the file converts to, from its header alone (no tensor is read)."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        fields = load_gguf_checkpoint(str(info.path), return_tensors=False)["config"]
+        return AutoConfig.for_model(**{k: v for k, v in fields.items() if not k.startswith("_")})
+    except (ValueError, KeyError, TypeError, NotImplementedError) as err:
+        raise ConfigError(
+            f"config key 'model.path': model.path={info.path}: transformers cannot read a model layout from its "
+            f"header ({type(err).__name__}: {err}). Use a complete GGUF file of a supported family"
+        ) from None
 
 
 def _field(reader, key: str, default: object = ...) -> str | None:
@@ -135,6 +177,9 @@ def convert(path_setting: str, out: Path) -> dict:
         raise _error(path_setting, f"transformers cannot load it ({err})", "Use a supported GGUF file") from None
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     config.dtype = torch.float32
+    # Fields ModelBuilder reads that the GGUF loader leaves out or renames (slmkit.families).
+    for key, value in families.builder_values(info.family, config).items():
+        setattr(config, key, value)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # A tied LM head is not a separate tensor: nothing else may be missing.
@@ -153,6 +198,7 @@ def convert(path_setting: str, out: Path) -> dict:
         "gguf_sha256": sha256_file(info.path),
         "gguf_architecture": info.architecture,
         "gguf_tensor_types": list(info.tensor_types),
+        "gguf_family": info.family.name,
         "model_type": config.model_type,
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": config.vocab_size,

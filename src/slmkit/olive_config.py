@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slmkit import families
 from slmkit.config import Config, DataConfig
 from slmkit.prompt import build_completion, build_conversation_prompt
 
@@ -188,7 +189,7 @@ def quantize_workflow(
 # ModelBuilder names a LoRA branch's MatMuls <layer>/<block>/<module>/lora_{A,B}/MatMul; a packed Phi-3
 # projection (qkv_proj, gate_up_proj) gets branches under each part's name too.
 LORA_BRANCH = "/model/layers.{layer}/{block}/{module}/{part}/MatMul"
-PACKED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PACKED_PARTS = families.packed_parts()
 
 
 def _num_layers(model_path: str | Path) -> int:

@@ -118,10 +118,10 @@ def tensor_names(files: list[Path], what: str, log_path: Path) -> list[str]:
     return names
 
 
-def lora_matrices(adapter: Path, log_path: Path) -> int:
-    """How many LoRA A and B matrices the trained adapter holds."""
+def lora_matrices(adapter: Path, log_path: Path) -> list[str]:
+    """The names of the LoRA A and B matrices the trained adapter holds."""
     names = tensor_names([adapter / "adapter_model.safetensors"], "LoRA training", log_path)
-    return sum(1 for n in names if "lora_A" in n or "lora_B" in n)
+    return [n for n in names if "lora_A" in n or "lora_B" in n]
 
 
 def check_adapter(adapter: Path, target_modules: list[str], log_path: Path) -> None:
