@@ -547,12 +547,12 @@ def adapters(args) -> dict:
             },
             "phrases": len(texts),
             "clients": args.adapter_clients,
-            "peak_rss_mb": {"shared": shared["peak_rss_mb"], **{n: alone[n]["peak_rss_mb"] for n in names}},
-            "rss_ratio": round(shared["peak_rss_mb"] / alone[first]["peak_rss_mb"], 3),
-            "requests_per_s": {
-                "alternating": shared["load"]["requests_per_s"],
-                "dedicated": alone[first]["load"]["requests_per_s"],
+            # Each server: one with every adapter on the shared base (requests alternating), one per built model.
+            "servers": {
+                name: {"peak_rss_mb": run["peak_rss_mb"], "requests_per_s": run["load"]["requests_per_s"]}
+                for name, run in {"shared": shared, **alone}.items()
             },
+            "rss_ratio": round(shared["peak_rss_mb"] / alone[first]["peak_rss_mb"], 3),
             "throughput_ratio": round(shared["load"]["requests_per_s"] / alone[first]["load"]["requests_per_s"], 3),
             "labels_identical": all(same.values()),
             "load": {"shared": shared["load"], **{n: alone[n]["load"] for n in names}},

@@ -60,11 +60,12 @@ def test_committed_lock_matches_committed_params():
     ("overrides", "stages"),
     [
         # quantize reads every section for the model card it writes beside the model.
-        (["lora.r=8"], {"train", "quantize"}),
-        (["train.learning_rate=0.0005"], {"train", "quantize"}),
-        (["builder=fp32_cpu"], {"quantize", "evaluate"}),  # evaluate names the precision it scores
+        # adapter records the same sections, and the rank and the recipe in the adapter's manifest.
+        (["lora.r=8"], {"train", "quantize", "adapter"}),
+        (["train.learning_rate=0.0005"], {"train", "quantize", "adapter"}),
+        (["builder=fp32_cpu"], {"quantize", "evaluate", "adapter"}),  # evaluate names the precision it scores
         (["data.val_fraction=0.15"], {"prepare"}),
-        (["model.path=other.gguf"], {"base", "quantize"}),
+        (["model.path=other.gguf"], {"base", "quantize", "adapter"}),
         (["evaluate.batch_size=4"], {"evaluate"}),
     ],
 )
