@@ -252,3 +252,27 @@ def test_the_command_line_runs_each_adapter_and_refuses_a_mismatch(kit, capsys):
     assert "built for another base" in capsys.readouterr().err
     assert main(["classify", "--model", str(kit["base"]), "--adapter", f"a={kit['a']}", "--adapter", "a=b", "hi"]) == 1
     assert "given twice" in capsys.readouterr().err
+
+
+def test_a_classifier_and_a_question_answering_adapter_share_one_server(kit, tmp_path, _composed):
+    """One adapter labels phrases, the other (a generative prompt, as data=qa writes) answers in free text:
+    /classify goes to the classifier without naming it, chat completions to whichever the request names."""
+    from test_serve import call
+
+    from slmkit.config import DataConfig
+    from slmkit.serve import Server, ServeSettings, create_app
+
+    qa = tmp_path / "qa"
+    shutil.copytree(kit["b"], qa)
+    save_prompt_config(DataConfig(path="", labels=[], template="Q: {text}\nA: {label}", answer_tokens=4), qa)
+    served = load(kit["base"], adapters={"tones": kit["a"], "qa": qa})
+    assert not served["tones"].generative and served["qa"].generative
+    with Server(create_app(served, ServeSettings(max_wait_ms=5))) as server:
+        status, body = call(server.url, "/classify", json.dumps({"phrases": PHRASES[:2]}).encode())
+        assert status == 200 and [r["label"] in _composed.data.labels for r in body["results"]] == [True, True]
+        status, body = call(server.url, "/classify", json.dumps({"model": "qa", "phrases": ["x"]}).encode())
+        assert status == 404 and "free text" in body["error"]
+        for name in ("qa", "tones"):
+            chat = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+            status, body = call(server.url, "/v1/chat/completions", json.dumps(chat).encode())
+            assert status == 200 and body["model"] == name, body
