@@ -77,7 +77,7 @@ def test_sweep_through_submitit_records_a_job_the_gate_did_not_pass_and_picks_th
 
     Both jobs are the finished run's config (lora.r=16, the tiny preset's), whose model passed the default
     gate: one job keeps it (every stage from DVC's run cache), the other loosens it past its bound, so
-    only evaluate reruns and its verdict is `loose`. The sweep succeeds, records both experiments with
+    only evaluate (and the adapter stage after it) reruns and its verdict is `loose`. The sweep succeeds, records both experiments with
     their verdicts, and picks the job the gate passed."""
     tolerance = load_params(private_run / "params.yaml").evaluate.parity_tolerance
     out = make(
@@ -86,7 +86,8 @@ def test_sweep_through_submitit_records_a_job_the_gate_did_not_pass_and_picks_th
     results = {r["overrides"][-1]: r for r in collect(_latest_sweep(private_run))}
     kept, loose = results[f"evaluate.parity_tolerance={tolerance}"], results["evaluate.parity_tolerance=0.5"]
     assert kept["stages"]["ran"] == [], kept["stages"]  # up to date, or restored from the run cache
-    assert loose["stages"]["ran"] == ["evaluate"], loose["stages"]
+    # adapter reruns after evaluate: the adapter's manifest carries the gate's verdict
+    assert loose["stages"]["ran"] == ["evaluate", "adapter"], loose["stages"]
     assert kept["metrics"]["gate"]["verdict"] == "passed" and loose["metrics"]["gate"]["verdict"] == "loose"
     assert best(list(results.values()))["name"] == kept["name"]
     assert f"| ★ | {kept['name']} " in out.stdout and "the parity gate did not pass 1 of 2" in out.stdout
