@@ -112,7 +112,16 @@ def kill_when(
     return code, out
 
 
-@pytest.mark.parametrize("stage", STAGES)
+# Stages the tiny run passes through too fast to kill in the middle: its adapter is merged into the model
+# (experiment=tiny: builder.adapter=merged), so its adapter stage only writes a small manifest saying so.
+INSTANT = {"adapter"}
+
+
+def test_every_other_stage_has_a_kill_point():
+    assert set(TRIGGERS) == set(SIGNALS) == set(STAGES) - INSTANT
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s not in INSTANT])
 def test_killed_stage_leaves_its_previous_output_and_reruns(private_run: Path, stage: str):
     sig = SIGNALS[stage]
     before = digest(private_run / "artifacts" / stage)
