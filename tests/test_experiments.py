@@ -77,8 +77,8 @@ def test_sweep_through_submitit_records_a_job_the_gate_did_not_pass_and_picks_th
 
     Both jobs are the finished run's config (lora.r=16, the tiny preset's), whose model passed the default
     gate: one job keeps it (every stage from DVC's run cache), the other loosens it past its bound, so
-    only evaluate (and the adapter stage after it) reruns and its verdict is `loose`. The sweep succeeds, records both experiments with
-    their verdicts, and picks the job the gate passed."""
+    only evaluate (and the adapter stage after it) reruns and its verdict is `loose`. The sweep succeeds,
+    records both experiments with their verdicts, and picks the job the gate passed."""
     tolerance = load_params(private_run / "params.yaml").evaluate.parity_tolerance
     out = make(
         "sweep", private_run, f"ARGS=hydra/launcher=local_processes lora.r=16 evaluate.parity_tolerance={tolerance},0.5"
