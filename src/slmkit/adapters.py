@@ -1,11 +1,12 @@
 """Many fine-tunes on one base: LoRA adapters loaded at run time by onnxruntime-genai (and PEFT).
 
-The `adapter` stage runs Olive's ExtractAdapters pass on the built model (builder.adapter=separate: the LoRA
-branches are MatMuls of their own beside the base's layers). It turns the branches' weights into graph inputs
-with empty defaults (rank 0: the base alone) and writes them to an `.onnx_adapter` file. What is left is a base
-that any adapter of the same base model, builder recipe and target set can run on: ModelBuilder folds the
-LoRA scale (alpha / r) into lora_B and Olive makes the rank a dynamic dimension, so neither is in the base's
-bytes, and the base is the same file for every such run (DVC's cache keeps it once).
+A separate build (builder.adapter=separate) ships its LoRA weights as graph inputs that default to the run's
+weights (slmkit.build.weights_as_inputs, Olive's ExtractAdapters pass). The `adapter` stage splits that model
+(`split`): the same graph with empty defaults (rank 0: the base alone) and the weights as an `.onnx_adapter`
+file. What is left is a base that any adapter of the same base model, builder recipe and target set can run
+on: ModelBuilder folds the LoRA scale (alpha / r) into lora_B, Olive makes the rank a dynamic dimension and
+`rank_free` drops it from the recorded shapes, so neither is in the base's bytes, and the base is the same
+file for every such run (DVC's cache keeps it once).
 
 Each side records what ties them (`slmkit_base.json` in the base, `adapter.json` beside the adapter file): the
 base's fingerprint (sha256 of its files) and the recipe it came from. Loading an adapter on another base is
@@ -73,11 +74,20 @@ def base_recipe(cfg) -> dict[str, Any]:
 
 
 def graph_inputs(model_file: Path) -> dict[str, list]:
-    """The LoRA weight inputs of a graph: name -> shape (a dimension is an int or a symbolic name)."""
+    """The LoRA weight inputs of a graph file: name -> shape (a dimension is an int or a symbolic name)."""
     import onnx
 
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    return {name: shape for name, shape in _input_shapes(graph).items() if is_lora_weight(name)}
+    return lora_inputs(onnx.load(str(model_file), load_external_data=False).graph)
+
+
+def lora_inputs(graph) -> dict[str, list]:
+    """The LoRA weight inputs of a loaded graph: name -> shape (a dimension is an int or a symbolic name)."""
+    shapes = {}
+    for value in graph.input:
+        if is_lora_weight(value.name):
+            dims = value.type.tensor_type.shape.dim
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+    return shapes
 
 
 def adapter_parameters(file: Path) -> dict[str, list[int]]:
@@ -156,8 +166,8 @@ def check(base: Path, adapter: Adapter, base_manifest: dict | None = None) -> No
         )
     for name, shape in params.items():
         expected = inputs[name]
-        fixed = [(i, e, s) for i, (e, s) in enumerate(zip(expected, shape, strict=False)) if isinstance(e, int)]
-        if len(expected) != len(shape) or any(e != s for _, e, s in fixed):
+        fixed_differ = any(isinstance(e, int) and e != s for e, s in zip(expected, shape, strict=False))
+        if len(expected) != len(shape) or fixed_differ:
             raise AdapterMismatch(
                 f"adapter {adapter.name!r}: {name} has shape {shape}; the base takes {expected} "
                 "(a dimension named by a string is the rank, any size)"
@@ -176,19 +186,16 @@ def gate_problem(adapter: Adapter) -> str | None:
     return None
 
 
-def rank_free(graph_model) -> int:
+def rank_free(graph_model) -> None:
     """Make a graph independent of the rank it was built with: ModelBuilder records the shape of each lora_A
     output, rank included, in the graph's value_info; Olive makes the weights' rank dynamic but leaves those.
     Each such rank becomes the weights' symbolic `lora_r`, so every rank's base is the same bytes."""
-    changed = 0
     for value in graph_model.graph.value_info:
         if "/lora_A/" in value.name and value.type.tensor_type.shape.dim:
             last = value.type.tensor_type.shape.dim[-1]
             if last.HasField("dim_value"):
                 last.Clear()
                 last.dim_param = RANK_DIM
-                changed += 1
-    return changed
 
 
 def split(cfg, model: Path, base: Path, folder: Path) -> dict[str, Any]:
@@ -203,7 +210,7 @@ def split(cfg, model: Path, base: Path, folder: Path) -> dict[str, Any]:
     from onnx import numpy_helper
 
     graph_model = onnx.load(str(Path(model) / "model.onnx"))
-    shapes = {name: shape for name, shape in _input_shapes(graph_model.graph).items() if is_lora_weight(name)}
+    shapes = lora_inputs(graph_model.graph)
     params = {}
     for tensor in graph_model.graph.initializer:
         if tensor.name in shapes:
@@ -241,14 +248,6 @@ def _read_adapter(file: Path) -> dict:
 
 def is_lora_weight(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
-
-
-def _input_shapes(graph) -> dict[str, list]:
-    shapes = {}
-    for value in graph.input:
-        dims = value.type.tensor_type.shape.dim
-        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
-    return shapes
 
 
 def save_graph(graph_model, folder: Path) -> None:

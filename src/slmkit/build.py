@@ -49,11 +49,7 @@ def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path | N
 def branch_count(matrices: list[str]) -> int:
     """LoRA-branch MatMuls ModelBuilder makes for the adapter's LoRA matrices: one per matrix, and one per
     part for a packed projection (Phi-3's qkv_proj and gate_up_proj, split into q/k/v and gate/up)."""
-    count = 0
-    for name in matrices:
-        module = name.split(".lora_", 1)[0].rsplit(".", 1)[-1]
-        count += len(olive_config.PACKED_PARTS.get(module, (module,)))
-    return count
+    return sum(len(olive_config.PACKED_PARTS.get(m, (m,))) for m in map(adapters.lora_module, matrices))
 
 
 def weights_as_inputs(cfg: Config, model: Path, work: Path) -> Path:
@@ -82,7 +78,7 @@ def weights_as_inputs(cfg: Config, model: Path, work: Path) -> Path:
     del read
     graph_model = onnx.load(str(output / "model.onnx"))
     defaults = {t.name for t in graph_model.graph.initializer}
-    inputs = [v.name for v in graph_model.graph.input if adapters.is_lora_weight(v.name)]
+    inputs = adapters.lora_inputs(graph_model.graph)
     if not inputs or set(params) != set(inputs) or not set(inputs) <= defaults:
         raise olive_run.StageError(
             f"Olive ExtractAdapters made {len(inputs)} adapter inputs of {model} and wrote {len(params)} weights; "

@@ -465,7 +465,6 @@ def create_app(clf: Classifier | dict[str, Classifier], settings: ServeSettings 
     # No /docs, /redoc or /openapi.json: /classify reads its own body (to bound it first), so the generated
     # schema would show none, and the pages load their scripts from a CDN. docs/serving.md is the reference.
     app = FastAPI(title="slmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batchers, app.state.chats_by_model = batchers, chats
     app.state.batcher, app.state.chats = batchers[names[0]], chats[names[0]]  # the first (the only one, mostly)
     if settings.api_key:
         app.add_middleware(ApiKeyCheck, key=settings.api_key)
