@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slmkit import adapters, int8, olive_config, olive_run
+from slmkit import adapters, int4, int8, olive_config, olive_run
 from slmkit.config import Config
 
 
@@ -35,6 +35,9 @@ def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path | N
     olive_run.check_logits(output, b.prune_lm_head, log_path)
     if b.precision == "int8":
         int8.check_int8(output, int8.quantize(output, list(b.exclude), work), log_path)
+    elif olive_config.kit_quantized(b):  # int4 by the kit's own algorithm (slmkit.int4)
+        report = int4.quantize(output, list(b.exclude), b.int4_block_size, b.int4_accuracy_level)
+        int4.check_int4(output, report["matmuls"], log_path)
     if b.exclude:
         olive_run.check_excluded(output, list(b.exclude), log_path)
     if b.adapter == "separate" and adapter is not None:

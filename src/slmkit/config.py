@@ -33,6 +33,8 @@ DECODINGS = ("stop", "constrained")
 SAMPLINGS = ("random", "group_by_length")
 # ModelBuilder's int4 algorithms (onnxruntime-genai 0.14.1's builder, `int4_algo_config`).
 INT4_ALGOS = ("default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last")
+# The kit's own int4 (slmkit.int4): ModelBuilder builds fp32 and the quantize stage writes the MatMulNBits.
+KIT_INT4_ALGOS = ("grid",)
 
 
 # The prompt templates. In them the two characters backslash-n are a newline, wherever the template was
@@ -157,7 +159,8 @@ class BuilderConfig:
     int4_block_size: int | None = None
     int4_accuracy_level: int | None = None
     # ModelBuilder's int4_algo_config (INT4_ALGOS): round to nearest, or k-quant's searched scales, with the
-    # LM head (`_last`) or sensitive layers (`_mixed`) in int8.
+    # LM head (`_last`) or sensitive layers (`_mixed`) in int8; or the kit's `grid` (slmkit.int4: each
+    # block's own min and max, float zero points: a Q4_1 GGUF's weights come back without rounding).
     int4_algo: str | None = None
     # int4 and int8: module names (e.g. down_proj; lm_head for the output projection) whose MatMuls stay full
     # precision in every layer: the rounding a small model's thin margins do not survive, kept off its most
@@ -333,7 +336,8 @@ def check_values(cfg: Config) -> None:
             "use 16, 32, 64, 128 or 256",
         )
         _check(b.int4_accuracy_level in (0, 1, 2, 3, 4), "builder.int4_accuracy_level", "use 0..4")
-        _check(b.int4_algo in INT4_ALGOS, "builder.int4_algo", f"use one of {', '.join(INT4_ALGOS)}")
+        algos = INT4_ALGOS + KIT_INT4_ALGOS
+        _check(b.int4_algo in algos, "builder.int4_algo", f"use one of {', '.join(algos)}")
     else:
         for key in ("int4_block_size", "int4_accuracy_level", "int4_algo"):
             _check(getattr(b, key) is None, f"builder.{key}", "only applies to precision=int4; set it to null")

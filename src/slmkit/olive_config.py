@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit import families
-from slmkit.config import Config, DataConfig
+from slmkit.config import KIT_INT4_ALGOS, BuilderConfig, Config, DataConfig
 from slmkit.prompt import build_completion, build_conversation_prompt
 
 # Columns of the rendered JSON-lines files that Olive's LoRA pass trains on (see olive_data.py).
@@ -236,15 +236,21 @@ def excluded_nodes(modules: list[str], num_layers: int) -> list[str]:
     return nodes + (["/lm_head/MatMul"] if LM_HEAD in modules else [])
 
 
+def kit_quantized(b: BuilderConfig) -> bool:
+    """Whether the quantize stage, not ModelBuilder, quantizes the model (int8, and int4 by the kit's algos)."""
+    return b.precision == "int8" or (b.precision == "int4" and b.int4_algo in KIT_INT4_ALGOS)
+
+
 def builder_pass(cfg: Config, model_path: str | Path, lora_targets: list[str] | None = None) -> dict[str, Any]:
     """ModelBuilder for `model_path`: int4 keeps the adapter's branches (`lora_targets`) and
     builder.exclude out of int4, in each of the model's layers (int8 does the same in slmkit.int8)."""
     b = cfg.builder
     # int8: ModelBuilder builds fp32 and the quantize stage puts the base's MatMuls in int8 (slmkit.int8):
     # ModelBuilder's own int8 precision does not build a runnable model here.
-    precision = "fp32" if b.precision == "int8" else b.precision
+    # The kit's int4 (builder.int4_algo=minmax, slmkit.int4) likewise quantizes ModelBuilder's fp32 model.
+    precision = "fp32" if kit_quantized(b) else b.precision
     olive_pass: dict[str, Any] = {"type": "ModelBuilder", "precision": precision}
-    if b.precision == "int4":
+    if precision == "int4":
         olive_pass["int4_block_size"] = b.int4_block_size
         olive_pass["int4_accuracy_level"] = b.int4_accuracy_level
         olive_pass["int4_algo_config"] = b.int4_algo
