@@ -2,7 +2,8 @@
 
 - kernel_peaks: GFLOP/s of one matrix product at the model's prompt shape (batch rows x hidden by hidden x
   intermediate) on every kernel the formats use: PyTorch fp32 and bf16 (oneDNN), onnxruntime fp32 MatMul,
-  int8 dynamic quantization (DynamicQuantizeMatMul) and int4 MatMulNBits at accuracy levels 1 and 4.
+  int8 dynamic quantization (DynamicQuantizeMatMul, u8 weights as the kit writes them), int4 MatMulNBits at
+  accuracy levels 1 and 4, and the kit's int4 on the weights' grid (float zero points: slmkit.int4).
 - classify_run (`python -m slmkit.formats MODEL_DIR`, one process per model so its memory is its own):
   accuracy on the test split, batched, constrained decoding; the same phrases one at a time (the labels must
   be the same) and with stop decoding; batched ms/phrase over many phrases; the prompt's GFLOP/s from the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +30,7 @@ DECODE_TOKENS = 64
 FORMAT_KERNEL = {
     "int4_acc4": "ort_int4_acc4",
     "int4_acc1": "ort_int4_acc1",
+    "int4_grid": "ort_int4_grid",
     "int8": "ort_int8",
     "int8_merged": "ort_int8",
     "fp32": "ort_fp32",
@@ -117,6 +120,8 @@ def kernel_peaks(m: int, k: int, n: int, threads: int, min_seconds: float = 0.5)
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    from slmkit import int4, int8
+
     flops = 2.0 * m * k * n
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
@@ -133,13 +138,19 @@ def kernel_peaks(m: int, k: int, n: int, threads: int, min_seconds: float = 0.5)
         folder = Path(tmp)
         fp32 = _ort_matmul(folder, w, "fp32")
         models = {"ort_fp32": fp32}
-        quantize_dynamic(fp32, folder / "int8.onnx", weight_type=QuantType.QInt8, per_channel=True)
+        weight_type = getattr(QuantType, int8.WEIGHT_TYPE_NAME)  # the int8 recipe's weights
+        quantize_dynamic(fp32, folder / "int8.onnx", weight_type=weight_type, per_channel=True)
         models["ort_int8"] = folder / "int8.onnx"
         for level in (1, 4):
             quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, accuracy_level=level)
             quantizer.process()
             quantizer.model.save_model_to_file(str(folder / f"int4_{level}.onnx"))
             models[f"ort_int4_acc{level}"] = folder / f"int4_{level}.onnx"
+        grid = folder / "grid"
+        grid.mkdir()
+        shutil.copy(fp32, grid / "model.onnx")
+        int4.quantize(grid, [], 32, 4)
+        models["ort_int4_grid"] = grid / "model.onnx"
         for name, path in models.items():
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             peaks[name] = _rate(lambda s=session: s.run(None, {"x": x}), flops, min_seconds)

@@ -13,7 +13,8 @@ on such a grid it is plain asymmetric round-to-nearest; the stage logs the error
 
 onnxruntime's CPU MatMulNBits computes with float zero points by dequantizing its blocks (measured: the same
 output as fp32 to 6.5e-7 at every accuracy level), so activations are not quantized: a batch gives each phrase
-the labels it gets alone. The LoRA branches of a separate build and builder.exclude's projections stay fp32
+the labels it gets alone. The 8-bit blocks (uint8 zero points: the CPU kernel takes no float ones in 8 bits)
+are written at accuracy level 1 for the same reason (EIGHT_BIT_ACCURACY_LEVEL). The LoRA branches of a separate build and builder.exclude's projections stay fp32
 (slmkit.int8.to_quantize picks the same MatMuls as the int8 recipe).
 """
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 # What this module writes for a quantized MatMul (its node keeps the MatMul's name plus this suffix).
 NODE_SUFFIX = "_Q"
+# 8-bit blocks compute in fp32: at accuracy level 4 onnxruntime quantizes their input to int8 per block (the
+# LM head's logits moved by 0.04 in tests/test_int4.py), while 4-bit blocks with float zero points compute
+# exactly at every level (level 4, builder.int4_accuracy_level's default, measured the fastest).
+EIGHT_BIT_ACCURACY_LEVEL = 1
 # A weight reproduced within this share of its projection's largest weight counts as not rounded again.
 LOSSLESS = 1e-6
 
@@ -150,7 +155,7 @@ def quantize(folder: Path, exclude: list[str], block_size: int, accuracy_level: 
                 N=weight.shape[1],
                 bits=b.bits,
                 block_size=block_size,
-                accuracy_level=accuracy_level,
+                accuracy_level=accuracy_level if b.bits == 4 else EIGHT_BIT_ACCURACY_LEVEL,
             )
         )
     del graph.node[:]
