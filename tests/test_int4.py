@@ -28,11 +28,9 @@ def _gguf_grid(kind: str, k: int = K, n: int = N, seed: int = 0) -> np.ndarray:
 def _ort_rounding_error(weight: np.ndarray) -> float:
     """The largest error, over the largest weight, of onnxruntime's default int4 (symmetric blocks of 32:
     what ModelBuilder's int4 writes) on `weight`."""
-    import onnx
+    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    import onnxruntime as ort
 
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"], name="/proj/MatMul")],

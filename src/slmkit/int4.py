@@ -14,8 +14,9 @@ on such a grid it is plain asymmetric round-to-nearest; the stage logs the error
 onnxruntime's CPU MatMulNBits computes with float zero points by dequantizing its blocks (measured: the same
 output as fp32 to 6.5e-7 at every accuracy level), so activations are not quantized: a batch gives each phrase
 the labels it gets alone. The 8-bit blocks (uint8 zero points: the CPU kernel takes no float ones in 8 bits)
-are written at accuracy level 1 for the same reason (EIGHT_BIT_ACCURACY_LEVEL). The LoRA branches of a separate build and builder.exclude's projections stay fp32
-(slmkit.int8.to_quantize picks the same MatMuls as the int8 recipe).
+are written at accuracy level 1 for the same reason (EIGHT_BIT_ACCURACY_LEVEL). The LoRA branches of a
+separate build and builder.exclude's projections stay fp32 (slmkit.int8.to_quantize picks the same MatMuls as
+the int8 recipe).
 """
 
 from __future__ import annotations
