@@ -26,6 +26,7 @@ from slmkit.prompt import build_completion, build_prompt
 BUILDER_VARIANTS = {
     "default": [],
     "int4_cpu": ["builder=int4_cpu"],
+    "int8_cpu": ["builder=int8_cpu"],
     "fp32_cpu": ["builder=fp32_cpu"],
     "fp16_cuda": ["builder=fp16_cuda"],
     "int4_cuda": ["builder=int4_cuda"],
@@ -165,11 +166,11 @@ def test_quantize_workflow(variant: str, paths):
     workflow = _workflows(cfg, paths)["quantize"]
     builder = _only_pass(workflow)
     assert builder["type"] == "ModelBuilder"
-    # int8: ModelBuilder builds fp32 and the quantize stage quantizes it (slmkit.int8)
-    assert builder["precision"] == ("fp32" if cfg.builder.precision == "int8" else cfg.builder.precision)
+    # int8 and the kit's int4 (grid): ModelBuilder builds fp32 and the quantize stage quantizes it
+    assert builder["precision"] == ("fp32" if olive_config.kit_quantized(cfg.builder) else cfg.builder.precision)
     source = paths["base"] if cfg.builder.adapter == "separate" else paths["merged"]
     assert workflow["input_model"]["model_path"] == str(source)
-    if cfg.builder.precision == "int4":
+    if builder["precision"] == "int4":
         assert builder["int4_block_size"] == cfg.builder.int4_block_size
         assert builder["int4_accuracy_level"] == cfg.builder.int4_accuracy_level
         assert builder["int4_algo_config"] == cfg.builder.int4_algo

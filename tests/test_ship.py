@@ -128,6 +128,24 @@ def test_bench_train_runs_the_stage_and_the_plain_loop_on_the_same_batches(priva
     assert not (private_run / "artifacts/bench/train").exists()  # its scratch folder is removed
 
 
+def test_bench_train_dtypes_trains_the_stage_in_each_dtype_on_the_same_batches(private_run: Path, tmp_path: Path):
+    """make bench-train-dtypes' code path on the tiny run: the train stage's Olive pass with the base in fp32
+    and in bf16, 2 and 4 steps each; each logs its own losses, and the ratio is of the two per-step times."""
+    out = tmp_path / "bench.json"
+    args = ["--train", "--train-dtypes", "float32,bfloat16", "--train-steps", "2", "--out", str(out)]
+    run([sys.executable, "scripts/bench.py", *args], private_run)
+    t = json.loads(out.read_text())["training_dtypes"]
+    assert t["steps"] == [2, 4] and set(t["logged_loss"]) == {"float32/2", "bfloat16/2", "float32/4", "bfloat16/4"}
+    for key, losses in t["logged_loss"].items():
+        assert losses and all(loss > 0 for loss in losses), key
+    # Same batches, same start: the two dtypes' first logged losses agree to a few percent.
+    first = {d: t["logged_loss"][f"{d}/4"][0] for d in ("float32", "bfloat16")}
+    assert abs(first["float32"] - first["bfloat16"]) <= 0.05 * first["float32"], first
+    per_step = {d: t[d]["seconds_per_step"] for d in ("float32", "bfloat16")}
+    assert t["bfloat16_speedup_vs_fp32"] == pytest.approx(per_step["float32"] / per_step["bfloat16"], abs=0.01)
+    assert not (private_run / "artifacts/bench/train_dtypes").exists()  # its scratch folder is removed
+
+
 def test_bench_formats_builds_and_measures_each_format_beside_its_kernel(private_run: Path, tmp_path: Path):
     """make bench-formats' code path on the tiny run: every format built by the quantize stage's own build,
     measured on the test split, with its kernel's peak and a prompt profile; few phrases, not its numbers."""
@@ -137,6 +155,7 @@ def test_bench_formats_builds_and_measures_each_format_beside_its_kernel(private
     assert set(f["formats"]) == {
         "int4_acc4",
         "int4_acc1",
+        "int4_grid",
         "int8",
         "int8_merged",
         "fp32",
@@ -149,8 +168,9 @@ def test_bench_formats_builds_and_measures_each_format_beside_its_kernel(private
         assert r["passes_gate"] == (r["gap_to_merged"] <= f["parity_tolerance"])
     assert f["formats"]["int8"]["batch_invariant"] is False and f["formats"]["fp32"]["batch_invariant"] is True
     assert f["formats"]["int8"]["batched_anyway"]["batch_ms_per_phrase"] > 0
-    assert f["chosen"] == "int8" and f["classify_speedup_vs_int4_reference"] > 0  # the tiny run's builder
-    assert set(f["prompt_profile"]) == {"int4_acc4", "int8", "fp32"}
+    assert f["chosen"] == "int4_grid" and f["classify_speedup_vs_int4_reference"] > 0  # the tiny run's builder
+    assert f["formats"]["int4_grid"]["batch_invariant"] is True
+    assert set(f["prompt_profile"]) == {"int4_acc4", "int4_grid", "fp32"}
     assert set(f["machine"]["features"]) >= {"avx512_vnni", "amx_int8"}
 
 
