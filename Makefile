@@ -14,7 +14,7 @@ ARTIFACT ?=
 # make import-data URL=azure://<container>/<path> [TO=data/<name>]; make update-data [TO=data/<name>]
 URL ?=
 TO ?=
-# make bench-family RECIPE="builder=int4_cpu": the recipe whose gap is measured (default: params.yaml's)
+# make bench-family RECIPE="builder=int8_cpu": the recipe whose gap is measured (default: params.yaml's)
 RECIPE ?=
 # UNGATED=1: classify/serve/chat/push use the pipeline's model even when the parity gate did not pass it.
 UNGATED ?=
@@ -125,7 +125,7 @@ bench-train-dtypes: env ## The train stage with the frozen base in fp32 vs bf16,
 bench-formats: env ## Each number format (int4, int8, fp32, PyTorch bf16) vs its kernel's peak on this CPU -> metrics/bench.json
 	$(PY) scripts/bench.py --formats
 
-bench-family: env ## The recipe's int8/int4-vs-merged gap over neighbouring runs (ranks, data, seeds) -> metrics/bench.json
+bench-family: env ## The recipe's built-vs-merged gap over neighbouring runs (ranks, data, seeds) -> metrics/bench.json
 	$(PY) scripts/compose.py
 	$(RUNLOCK) dvc repro base
 	$(PY) scripts/bench.py --family $(if $(RECIPE),--recipe $(RECIPE))

@@ -356,10 +356,18 @@ def formats(args) -> dict:
         log.info("%s built in %.0f s", name, time.perf_counter() - start)
     results: dict = {}
     layout = json.loads((merged / "config.json").read_text())
-    for name, path in [*paths.items(), *((n, merged) for n in TORCH_FORMATS)]:
+    torch_formats, not_measured = dict(TORCH_FORMATS), {}
+    features = fm.cpu_features()
+    if not (features["avx512_bf16"] or features["amx_bf16"]):
+        not_measured["pytorch_bf16"] = "no bf16 instructions in this CPU (avx512_bf16, amx_bf16)"
+        # No bf16 unit: PyTorch emulates bf16 products in software (on the AVX2-only machine one pass over the
+        # phrases had not ended after 17 minutes), which says nothing of the format.
+        log.info("pytorch_bf16 not measured: this CPU has no bf16 instructions (avx512_bf16, amx_bf16)")
+        torch_formats.pop("pytorch_bf16")
+    for name, path in [*paths.items(), *((n, merged) for n in torch_formats)]:
         log.info("measuring %s (%s, %d phrases, %d threads)", name, path, len(speed), threads)
         results[name] = fm.classify_in_subprocess(
-            path, speed, test, cfg.evaluate.batch_size, threads, layout, TORCH_FORMATS.get(name)
+            path, speed, test, cfg.evaluate.batch_size, threads, layout, torch_formats.get(name)
         )
         log.info("%s: %s", name, results[name])
     rows = round(cfg.evaluate.batch_size * results[REFERENCE_FORMAT]["prompt_tokens_per_phrase"])
@@ -392,6 +400,7 @@ def formats(args) -> dict:
         "threads": threads,
         "kernel_peaks_gflops": peaks,
         "formats": results,
+        "not_measured": not_measured,
         "reference": REFERENCE_FORMAT,
         "parity_tolerance": tolerance,
         "chosen": chosen,

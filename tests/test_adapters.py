@@ -138,7 +138,7 @@ def test_an_adapter_of_another_base_is_refused_saying_what_differs(kit, tmp_path
     manifest["base_sha256"] = "0" * 64
     manifest["base_recipe"]["builder.precision"] = "fp16"
     (folder / adapters.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(AdapterMismatch, match=r"builder.precision: 'fp16' \(adapter\) vs 'int4' \(base\)"):
+    with pytest.raises(AdapterMismatch, match=r"builder.precision: 'fp16' \(adapter\) vs 'int8' \(base\)"):
         load(kit["base"], adapters={"r": folder})
 
 

@@ -205,8 +205,7 @@ def _train_overrides(name: str) -> list[str]:
         "train.logging_steps=2",
         "train.eval_steps=4",
         "train.batch_size=4",
-        # The default builder (int4 on the weights' grid, adapter kept apart) where the family builds it,
-        # else merged.
+        # The default builder (int8, adapter kept apart) where the family builds it, else merged.
         f"builder.adapter={'separate' if family.separate_adapter else 'merged'}",
     ]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmkit import int4, olive_config
+from slmkit import formats, int4, olive_config
 from slmkit.config import ConfigError, compose
 from slmkit.stage import StageError
 
@@ -127,6 +127,11 @@ def test_a_model_on_its_grid_computes_what_its_fp32_model_computes(tmp_path: Pat
         "/lm_head/MatMul_Q": "MatMulNBits",
     }
     assert (folder / "model.onnx.data").exists()  # the weights beside the graph, as ModelBuilder writes them
+    # What `slmkit serve` logs of it: fp32 kernels, no activation rounding (not the int8 dot products of int4's
+    # integer zero points at accuracy level 4).
+    assert formats.onnx_precision(folder) == formats.INT4_FLOAT_ZERO_POINTS
+    note = formats.kernel_note(formats.onnx_precision(folder), {"avx2": True})
+    assert note.startswith("int4 (float zero points) projections: unpacked to fp32, fp32 kernels (AVX2);")
 
 
 def test_exclude_keeps_a_projection_fp32_and_the_check_fails_on_a_count_or_a_lora_branch(tmp_path: Path):

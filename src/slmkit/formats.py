@@ -51,20 +51,38 @@ def cpu_features() -> dict[str, bool]:
     return {f: f in flags for f in CPU_FEATURES}
 
 
-def onnx_precision(path: Path) -> str:
-    """int8, int4 or fp32: how an ONNX model folder's projections compute (read from its graph's operators)."""
-    import onnx
+# What onnx_precision calls int4 blocks with float zero points (builder.int4_algo=grid: slmkit.int4).
+INT4_FLOAT_ZERO_POINTS = "int4 (float zero points)"
 
-    ops = {n.op_type for n in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node}
+
+def onnx_precision(path: Path) -> str:
+    """int8, int4, INT4_FLOAT_ZERO_POINTS or fp32: how an ONNX model folder's projections compute (read from its
+    graph's operators and, for int4, the type of its zero points)."""
+    import onnx
+    from onnx import TensorProto
+
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
     if ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}:
         return "int8"
-    return "int4" if "MatMulNBits" in ops else "fp32"
+    if "MatMulNBits" not in ops:
+        return "fp32"
+    types = {t.name: t.data_type for t in graph.initializer}
+    four = [
+        n for n in graph.node if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)
+    ]
+    if four and all(len(n.input) > 3 and types.get(n.input[3]) == TensorProto.FLOAT for n in four):
+        return INT4_FLOAT_ZERO_POINTS
+    return "int4"
 
 
 def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
     """One line on which of this CPU's kernels a model's projections run on, and what they fell back to."""
     f = features if features is not None else cpu_features()
     vnni = f.get("avx512_vnni") or f.get("avx_vnni")
+    if precision == INT4_FLOAT_ZERO_POINTS:  # onnxruntime unpacks such blocks to fp32 (slmkit.int4)
+        unit = "AVX-512" if f.get("avx512f") else "AVX2" if f.get("avx2") else "SSE fallback"
+        return f"{precision} projections: unpacked to fp32, fp32 kernels ({unit}); activations not rounded"
     if precision in ("int8", "int4"):
         if f.get("amx_int8"):
             unit = "AMX int8 tiles"
