@@ -362,7 +362,7 @@ def formats(args) -> dict:
         not_measured["pytorch_bf16"] = "no bf16 instructions in this CPU (avx512_bf16, amx_bf16)"
         # No bf16 unit: PyTorch emulates bf16 products in software (on the AVX2-only machine one pass over the
         # phrases had not ended after 17 minutes), which says nothing of the format.
-        log.info("pytorch_bf16 not measured: this CPU has no bf16 instructions (avx512_bf16, amx_bf16)")
+        log.info("pytorch_bf16 not measured: %s", not_measured["pytorch_bf16"])
         torch_formats.pop("pytorch_bf16")
     for name, path in [*paths.items(), *((n, merged) for n in torch_formats)]:
         log.info("measuring %s (%s, %d phrases, %d threads)", name, path, len(speed), threads)

@@ -80,9 +80,9 @@ def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
     """One line on which of this CPU's kernels a model's projections run on, and what they fell back to."""
     f = features if features is not None else cpu_features()
     vnni = f.get("avx512_vnni") or f.get("avx_vnni")
+    fp32 = "AVX-512" if f.get("avx512f") else "AVX2" if f.get("avx2") else "SSE fallback"
     if precision == INT4_FLOAT_ZERO_POINTS:  # onnxruntime unpacks such blocks to fp32 (slmkit.int4)
-        unit = "AVX-512" if f.get("avx512f") else "AVX2" if f.get("avx2") else "SSE fallback"
-        return f"{precision} projections: unpacked to fp32, fp32 kernels ({unit}); activations not rounded"
+        return f"{precision} projections: unpacked to fp32, fp32 kernels ({fp32}); activations not rounded"
     if precision in ("int8", "int4"):
         if f.get("amx_int8"):
             unit = "AMX int8 tiles"
@@ -94,7 +94,7 @@ def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
                 "than fp32 here: metrics/int8_no_vnni_run.json, builder=fp32_cpu)"
             )
         return f"{precision} projections: {unit}"
-    return "fp32 projections: " + ("AVX-512" if f.get("avx512f") else "AVX2" if f.get("avx2") else "SSE fallback")
+    return f"fp32 projections: {fp32}"
 
 
 def _rate(fn, flops: float, min_seconds: float) -> float:

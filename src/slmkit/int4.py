@@ -1,4 +1,4 @@
-"""builder.int4_algo=minmax: ModelBuilder's fp32 model with its base MatMuls in int4 blocks fitted to each block's
+"""builder.int4_algo=grid: ModelBuilder's fp32 model with its base MatMuls in int4 blocks fitted to each block's
 own minimum and maximum (MatMulNBits, float zero points), written by the kit.
 
 Each block of `builder.int4_block_size` weights along a projection's input dimension gets scale
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmkit.int8 import to_quantize
+from slmkit.int8 import check_quantized, to_quantize
 from slmkit.stage import StageError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def quantize(folder: Path, exclude: list[str], block_size: int, accuracy_level: 
     names = set(to_quantize(graph, exclude))
     if not names:
         raise StageError(f"int4: {path} has no projection MatMul left to quantize (builder.exclude)")
-    log.info("int4 (min/max blocks of %d, float zero points): quantizing %d MatMuls", block_size, len(names))
+    log.info("int4 on the weights' grid (blocks of %d): quantizing %d MatMuls", block_size, len(names))
     weights = {t.name: t for t in graph.initializer}
     users: dict[str, int] = {}
     for node in graph.node:
@@ -184,10 +184,4 @@ def check_int4(model: Path, expected: int, log_path: Path) -> None:
     import onnx
 
     graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
-    quantized = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
-    lora = [n for n in quantized if "/lora_A/" in n or "/lora_B/" in n]
-    if len(quantized) != expected or lora:
-        raise StageError(
-            f"int4: {model / 'model.onnx'} has {len(quantized)} int4 MatMuls where {expected} were quantized, "
-            f"{len(lora)} of them LoRA branches ({lora[:3]}).\n  full log: {log_path}"
-        )
+    check_quantized(graph, ("MatMulNBits",), "int4", expected, model, log_path)

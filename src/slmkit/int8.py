@@ -34,7 +34,7 @@ WEIGHT_TYPE_NAME = "QUInt8"
 INT8_OPS = ("DynamicQuantizeMatMul", "MatMulInteger")
 
 
-def _is_lora(name: str) -> bool:
+def is_lora(name: str) -> bool:
     return "/lora_A/" in name or "/lora_B/" in name
 
 
@@ -52,7 +52,7 @@ def weight_matmuls(graph) -> list[str]:
 
 def to_quantize(graph, exclude: list[str]) -> list[str]:
     """The base projections to put in int8: every weighted MatMul but LoRA branches and builder.exclude's."""
-    return [n for n in weight_matmuls(graph) if not _is_lora(n) and not _is_excluded(n, exclude)]
+    return [n for n in weight_matmuls(graph) if not is_lora(n) and not _is_excluded(n, exclude)]
 
 
 def quantize(folder: Path, exclude: list[str], work: Path) -> int:
@@ -90,18 +90,23 @@ def check_int8(model: Path, expected: int, log_path: Path) -> None:
     import onnx
 
     graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
-    quantized = [n.name for n in graph.node if n.op_type in INT8_OPS]
-    lora = [n for n in quantized if _is_lora(n)]
-    if len(quantized) != expected or lora:
-        raise StageError(
-            f"int8: {model / 'model.onnx'} has {len(quantized)} int8 MatMuls where {expected} were quantized, "
-            f"{len(lora)} of them LoRA branches ({lora[:3]}).\n  full log: {log_path}"
-        )
+    check_quantized(graph, INT8_OPS, "int8", expected, model, log_path)
     signed = sorted(weight_types(graph) - {"UINT8"})
     if signed:
         raise StageError(
             f"int8: {model / 'model.onnx'} has {signed} int8 weights where u8 ({WEIGHT_TYPE_NAME}) were asked for: "
             f"u8 x s8 saturates on CPUs without VNNI (slmkit.int8).\n  full log: {log_path}"
+        )
+
+
+def check_quantized(graph, ops: tuple[str, ...], kind: str, expected: int, model: Path, log_path: Path) -> None:
+    """Fail unless `expected` of the graph's nodes are quantized ones (`ops`) and no LoRA branch is among them."""
+    quantized = [n.name for n in graph.node if n.op_type in ops]
+    lora = [n for n in quantized if is_lora(n)]
+    if len(quantized) != expected or lora:
+        raise StageError(
+            f"{kind}: {model / 'model.onnx'} has {len(quantized)} {kind} MatMuls where {expected} were quantized, "
+            f"{len(lora)} of them LoRA branches ({lora[:3]}).\n  full log: {log_path}"
         )
 
 
