@@ -57,8 +57,8 @@ def test_q4_1_weights_come_back_exactly_where_symmetric_int4_rounds_them_again()
 
 def test_q8_0_weights_come_back_exactly_in_8_bits_and_other_weights_are_rounded_in_4():
     q8 = int4.fit_grid(_gguf_grid("Q8_0"), 32)
-    assert q8.bits == 8 and q8.max_error <= int4.LOSSLESS
-    assert q8.zero_points.dtype == np.uint8  # the CPU kernel takes no float zero points in 8 bits
+    assert q8.bits == 8 and q8.max_error <= int4.LOSSLESS and q8.offsets is None
+    assert q8.q.dtype == np.uint8 and q8.q.min() >= 1  # q + 128 in 1..255: two 4-bit halves
     plain = np.random.default_rng(1).standard_normal((K, N)).astype(np.float32)
     rounded = int4.fit_grid(plain, 32)
     assert rounded.bits == 4 and 1e-3 < rounded.max_error < 0.1
@@ -73,7 +73,8 @@ def test_a_partial_last_block_and_a_constant_block():
         weight[rows] = (rng.uniform(-0.1, 0) + rng.uniform(0.001, 0.01) * q).astype(np.float32)
     weight[:32, 0] = 0.25  # a block whose values are all one
     blocks = int4.fit(weight, 32, 4)
-    assert blocks.packed.shape == (N, 2, 16) and blocks.max_error <= int4.LOSSLESS
+    assert int4.pack(blocks.q).shape == (N, 2, 16) and blocks.max_error <= int4.LOSSLESS
+    assert blocks.offsets.shape == (N, 2) and blocks.q[0, 0].max() == 0
 
 
 def _model(folder: Path, weights: dict[str, np.ndarray]) -> Path:
@@ -105,8 +106,10 @@ def _run(folder: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-def test_a_model_on_its_grid_computes_what_its_fp32_model_computes(tmp_path: Path):
+@pytest.mark.parametrize("level", [1, 4])
+def test_a_model_on_its_grid_computes_what_its_fp32_model_computes(tmp_path: Path, level: int):
     import onnx
+    from onnx import TensorProto
 
     weights = {
         "/model/layers.0/attn/q_proj/MatMul": _gguf_grid("Q4_1", K, K, seed=2),
@@ -116,22 +119,70 @@ def test_a_model_on_its_grid_computes_what_its_fp32_model_computes(tmp_path: Pat
     folder = _model(tmp_path / "model", weights)
     x = np.random.default_rng(5).standard_normal((7, K)).astype(np.float32)
     expected = _run(folder, x)
-    report = int4.quantize(folder, [], 32, 4)
-    assert report == {"matmuls": 2, "bits": {4: 1, 8: 1}, "max_error": pytest.approx(0, abs=1e-6), "lossless": True}
-    int4.check_int4(folder, 2, tmp_path / "log")
-    np.testing.assert_allclose(_run(folder, x), expected, rtol=1e-5, atol=1e-5)
-    ops = {n.name: n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
-    assert ops == {
-        "/model/layers.0/attn/q_proj/MatMul_Q": "MatMulNBits",
-        "/model/layers.0/attn/q_proj/lora_A/MatMul": "MatMul",
-        "/lm_head/MatMul_Q": "MatMulNBits",
+    report = int4.quantize(folder, [], 32, level)
+    assert report == {
+        "matmuls": 2,
+        "bits": {4: 1, 8: 1},
+        "nodes": 3,  # the 8-bit LM head is two 4-bit halves
+        "max_error": pytest.approx(0, abs=1e-6),
+        "lossless": True,
+    }
+    int4.check_int4(folder, 3, tmp_path / "log")
+    got = _run(folder, x)
+    if level == 1:  # fp32 compute: the fp32 model's output up to summation order
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    else:  # the input rounded to int8 per block: close, not equal
+        err = np.abs(got - expected).max() / np.abs(expected).max()
+        assert 1e-5 < err < 0.02
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    assert {name for name, op in ops.items() if op == "MatMulNBits"} == {
+        "/model/layers.0/attn/q_proj/MatMul_Q",
+        "/lm_head/MatMul_Q_high",
+        "/lm_head/MatMul_Q_low",
+    }
+    assert ops["/model/layers.0/attn/q_proj/lora_A/MatMul"] == "MatMul"
+    # Integer zero points only: onnxruntime unpacks float ones to fp32 on every call.
+    types = {t.name: t.data_type for t in graph.initializer}
+    assert {types[n.input[3]] for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3} == {
+        TensorProto.UINT8
     }
     assert (folder / "model.onnx.data").exists()  # the weights beside the graph, as ModelBuilder writes them
-    # What `slmkit serve` logs of it: fp32 kernels, no activation rounding (not the int8 dot products of int4's
-    # integer zero points at accuracy level 4).
-    assert formats.onnx_precision(folder) == formats.INT4_FLOAT_ZERO_POINTS
-    note = formats.kernel_note(formats.onnx_precision(folder), {"avx2": True})
-    assert note.startswith("int4 (float zero points) projections: unpacked to fp32, fp32 kernels (AVX2);")
+    # What `slmkit serve` logs of it.
+    precision = formats.onnx_precision(folder)
+    assert precision == (formats.INT4_FP32_COMPUTE if level == 1 else "int4")
+    if level == 1:
+        note = formats.kernel_note(precision, {"avx2": True})
+        assert note.startswith("int4 (fp32 compute) projections: int4 blocks unpacked in fp32 kernels (AVX2);")
+
+
+def test_matmuls_that_read_one_input_share_its_block_sums(tmp_path: Path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = ["q_proj", "k_proj", "v_proj"]
+    ws = [_gguf_grid("Q4_1", K, N, seed=i) for i in range(3)]
+    nodes = [
+        helper.make_node("MatMul", ["x", f"w{i}"], [f"h{i}"], name=f"/model/layers.0/attn/{m}/MatMul")
+        for i, m in enumerate(names)
+    ]
+    nodes.append(helper.make_node("Sum", ["h0", "h1", "h2"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K])],  # batch, sequence, hidden
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)],
+    )
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "model.onnx"))
+    x = np.random.default_rng(7).standard_normal((2, 5, K)).astype(np.float32)
+    expected = sum(x @ w for w in ws)
+    int4.quantize(folder, [], 32, 1)
+    np.testing.assert_allclose(_run(folder, x), expected, rtol=1e-5, atol=1e-5)
+    sums = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.name.endswith("_block_sums/MatMul")]
+    assert len(sums) == 1
 
 
 def test_exclude_keeps_a_projection_fp32_and_the_check_fails_on_a_count_or_a_lora_branch(tmp_path: Path):
@@ -139,7 +190,7 @@ def test_exclude_keeps_a_projection_fp32_and_the_check_fails_on_a_count_or_a_lor
     with pytest.raises(StageError, match="no projection MatMul left"):
         int4.quantize(_model(tmp_path / "none", weights), ["down_proj"], 32, 4)
     folder = _model(tmp_path / "one", weights)
-    assert int4.quantize(folder, [], 32, 4)["matmuls"] == 1
+    assert int4.quantize(folder, [], 32, 4)["nodes"] == 1
     with pytest.raises(StageError, match="1 int4 MatMuls where 2 were quantized"):
         int4.check_int4(folder, 2, tmp_path / "log")
     import onnx

@@ -37,7 +37,7 @@ def build_onnx(cfg: Config, work: Path, base_path: str | Path, adapter: Path | N
         int8.check_int8(output, int8.quantize(output, list(b.exclude), work), log_path)
     elif olive_config.kit_quantized(b):  # int4 by the kit's own algorithm (slmkit.int4)
         report = int4.quantize(output, list(b.exclude), b.int4_block_size, b.int4_accuracy_level)
-        int4.check_int4(output, report["matmuls"], log_path)
+        int4.check_int4(output, report["nodes"], log_path)
     if b.exclude:
         olive_run.check_excluded(output, list(b.exclude), log_path)
     if b.adapter == "separate" and adapter is not None:

@@ -3,7 +3,8 @@
 - kernel_peaks: GFLOP/s of one matrix product at the model's prompt shape (batch rows x hidden by hidden x
   intermediate) on every kernel the formats use: PyTorch fp32 and bf16 (oneDNN), onnxruntime fp32 MatMul,
   int8 dynamic quantization (DynamicQuantizeMatMul, u8 weights as the kit writes them), int4 MatMulNBits at
-  accuracy levels 1 and 4, and the kit's int4 on the weights' grid (float zero points: slmkit.int4).
+  accuracy levels 1 and 4, and the kit's int4 on the weights' grid (integer zero points plus the blocks'
+  minimums: slmkit.int4).
 - classify_run (`python -m slmkit.formats MODEL_DIR`, one process per model so its memory is its own):
   accuracy on the test split, batched, constrained decoding; the same phrases one at a time (the labels must
   be the same) and with stop decoding; batched ms/phrase over many phrases; the prompt's GFLOP/s from the
@@ -51,29 +52,24 @@ def cpu_features() -> dict[str, bool]:
     return {f: f in flags for f in CPU_FEATURES}
 
 
-# What onnx_precision calls int4 blocks with float zero points (builder.int4_algo=grid: slmkit.int4).
-INT4_FLOAT_ZERO_POINTS = "int4 (float zero points)"
+# What onnx_precision calls int4 blocks computed in fp32 (accuracy level 0 or 1: builder=int4_grid_cpu).
+INT4_FP32_COMPUTE = "int4 (fp32 compute)"
 
 
 def onnx_precision(path: Path) -> str:
-    """int8, int4, INT4_FLOAT_ZERO_POINTS or fp32: how an ONNX model folder's projections compute (read from its
-    graph's operators and, for int4, the type of its zero points)."""
+    """int8, int4, INT4_FP32_COMPUTE or fp32: how an ONNX model folder's projections compute (read from its
+    graph's operators and, for int4, their accuracy level: at 4 onnxruntime rounds the input to int8)."""
     import onnx
-    from onnx import TensorProto
 
     graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
     if ops & {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}:
         return "int8"
-    if "MatMulNBits" not in ops:
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    if not nbits:
         return "fp32"
-    types = {t.name: t.data_type for t in graph.initializer}
-    four = [
-        n for n in graph.node if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)
-    ]
-    if four and all(len(n.input) > 3 and types.get(n.input[3]) == TensorProto.FLOAT for n in four):
-        return INT4_FLOAT_ZERO_POINTS
-    return "int4"
+    levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) for n in nbits}
+    return INT4_FP32_COMPUTE if levels <= {0, 1} else "int4"
 
 
 def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
@@ -81,8 +77,8 @@ def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
     f = features if features is not None else cpu_features()
     vnni = f.get("avx512_vnni") or f.get("avx_vnni")
     fp32 = "AVX-512" if f.get("avx512f") else "AVX2" if f.get("avx2") else "SSE fallback"
-    if precision == INT4_FLOAT_ZERO_POINTS:  # onnxruntime unpacks such blocks to fp32 (slmkit.int4)
-        return f"{precision} projections: unpacked to fp32, fp32 kernels ({fp32}); activations not rounded"
+    if precision == INT4_FP32_COMPUTE:
+        return f"{precision} projections: int4 blocks unpacked in fp32 kernels ({fp32}); activations not rounded"
     if precision in ("int8", "int4"):
         if f.get("amx_int8"):
             unit = "AMX int8 tiles"

@@ -1,22 +1,25 @@
-"""builder.int4_algo=grid: ModelBuilder's fp32 model with its base MatMuls in int4 blocks fitted to each block's
-own minimum and maximum (MatMulNBits, float zero points), written by the kit.
+"""builder.int4_algo=grid: ModelBuilder's fp32 model with its base MatMuls in int4 blocks on the weights' own
+grid, written by the kit as onnxruntime MatMulNBits with integer zero points (its packed kernels).
 
-Each block of `builder.int4_block_size` weights along a projection's input dimension gets scale
-(max - min) / 15 and zero point -min / scale, kept as a float: the block's values are min + scale * q for q in
-0..15. A base read from a GGUF file in Q4_1 (the default model's) already is exactly that: llama.cpp's Q4_1
-stores each block of 32 as min + d * q, its minimum at q = 0 and its maximum at q = 15. So this recipe puts the
-file's own 4-bit values back into int4 without rounding them again (measured: every projection of SmolLM2-135M
-reproduced to 0.0), where ModelBuilder's int4 (symmetric, or integer zero points) rounds a 4-bit grid onto
-another one: that second rounding was the int4 recipe's gap to its merged model (docs/int4.md). On weights not
-on such a grid it is plain asymmetric round-to-nearest; the stage logs the error it measured either way
-(`max_error`, relative to the projection's largest weight).
+A base read from a GGUF file in Q4_1 (the default model's) stores each block of 32 weights along a projection's
+inputs as min + d * q, q in 0..15, its minimum at q = 0 and its maximum at q = 15. ModelBuilder's int4
+(symmetric, or integer zero points fitted anew) rounds that 4-bit grid onto another one: that second rounding was
+the int4 recipe's gap to its merged model (docs/int4.md). This recipe keeps the file's own values:
 
-onnxruntime's CPU MatMulNBits computes with float zero points by dequantizing its blocks (measured: the same
-output as fp32 to 6.5e-7 at every accuracy level), so activations are not quantized: a batch gives each phrase
-the labels it gets alone. The 8-bit blocks (uint8 zero points: the CPU kernel takes no float ones in 8 bits)
-are written at accuracy level 1 for the same reason (EIGHT_BIT_ACCURACY_LEVEL). The LoRA branches of a
-separate build and builder.exclude's projections stay fp32 (slmkit.int8.to_quantize picks the same MatMuls as
-the int8 recipe).
+- a block on a min/max grid is written as d * q (MatMulNBits, zero point 0) plus its minimum, added back by
+  one small product: the input's sum over each block (x @ an indicator, K x K/32, shared by the MatMuls that
+  read the same input) times the blocks' minimums (K/32 x N). The same weights as float zero points
+  (zero point -min/d), but onnxruntime's CPU kernel unpacks float zero points to fp32 on every call (3.5 tokens/s
+  decoding: metrics/formats_avx2_run.json), where integer ones run on its packed kernels;
+- a block on a symmetric 8-bit grid (Q8_0: the tied embedding that is the LM head) as two 4-bit MatMuls on the
+  same input: with q + 128 = 16 h + l, the weight d * q is 16 d * (h - 8) + d * l, both halves exact in int4;
+- weights on no such grid get plain min/max round-to-nearest in the first form.
+
+The stage logs the largest weight error it measured (`max_error`, relative to the projection's largest weight).
+At accuracy level 1 the kernels compute in fp32, so the model computes what the fp32 model computes up to
+summation order; at level 4 they round each block of the input to int8 (builder.int4_accuracy_level). The LoRA
+branches of a separate build and builder.exclude's projections stay fp32 (slmkit.int8.to_quantize picks the
+same MatMuls as the int8 recipe).
 """
 
 from __future__ import annotations
@@ -32,24 +35,21 @@ from slmkit.stage import StageError
 
 log = logging.getLogger(__name__)
 
-# What this module writes for a quantized MatMul (its node keeps the MatMul's name plus this suffix).
+# What this module writes for a quantized MatMul: its MatMulNBits nodes keep the MatMul's name plus a suffix.
 NODE_SUFFIX = "_Q"
-# 8-bit blocks compute in fp32: at accuracy level 4 onnxruntime quantizes their input to int8 per block (the
-# LM head's logits moved by 0.04 in tests/test_int4.py), while 4-bit blocks with float zero points compute
-# exactly at every level (level 4, builder.int4_accuracy_level's default, measured the fastest).
-EIGHT_BIT_ACCURACY_LEVEL = 1
 # A weight reproduced within this share of its projection's largest weight counts as not rounded again.
 LOSSLESS = 1e-6
 
 
 @dataclass(frozen=True)
 class Blocks:
-    """One projection's int4 blocks, as MatMulNBits takes them (N rows of K/block_size blocks)."""
+    """One projection's blocks (N rows of K/block_size blocks, MatMulNBits' layout), the weight being
+    scales * q + offsets (4 bits: q in 0..15, offsets the blocks' minimums) or scales * (q - 128) (8 bits)."""
 
     bits: int
-    packed: np.ndarray  # uint8 (N, blocks, block_size * bits / 8): 4-bit values two a byte, the first low
-    scales: np.ndarray  # float32 (N * blocks,)
-    zero_points: np.ndarray  # float32 (N * blocks,) for 4 bits; uint8 for 8 (the CPU kernel takes no float ones)
+    q: np.ndarray  # uint8 (N, blocks, block_size)
+    scales: np.ndarray  # float32 (N, blocks)
+    offsets: np.ndarray | None  # float32 (N, blocks) for 4 bits
     max_error: float  # the largest |dequantized - weight|, over the largest |weight|
 
 
@@ -74,25 +74,22 @@ def fit(weight: np.ndarray, block_size: int, bits: int) -> Blocks:
         low = blocks.min(axis=2, keepdims=True)
         scale = (blocks.max(axis=2, keepdims=True) - low) / 15
         scale[scale == 0] = 1.0  # a constant block: every value is `low`, q = 0
-        zero = (-low / scale).astype(np.float32)
         q = np.clip(np.rint((blocks - low) / scale), 0, 15).astype(np.uint8)
-        packed = q[:, :, 0::2] | (q[:, :, 1::2] << 4)
+        restored, offsets = q * scale + low, low[:, :, 0]
     elif bits == 8:
         scale = np.abs(blocks).max(axis=2, keepdims=True) / 127
         scale[scale == 0] = 1.0
-        zero = np.full(scale.shape, 128, dtype=np.uint8)
         q = (np.clip(np.rint(blocks / scale), -127, 127) + 128).astype(np.uint8)
-        packed = q
+        restored, offsets = (q.astype(np.float32) - 128) * scale, None
     else:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    restored = ((q - zero.astype(np.float32)) * scale).reshape(n, -1)[:, :k]
     peak = float(np.abs(weight).max()) or 1.0
     return Blocks(
         bits=bits,
-        packed=packed.astype(np.uint8),
-        scales=scale.reshape(-1).astype(np.float32),
-        zero_points=zero.reshape(-1),
-        max_error=float(np.abs(restored - weight.T).max()) / peak,
+        q=q,
+        scales=scale[:, :, 0].astype(np.float32),
+        offsets=None if offsets is None else offsets.astype(np.float32),
+        max_error=float(np.abs(restored.reshape(n, -1)[:, :k] - weight.T).max()) / peak,
     )
 
 
@@ -106,9 +103,91 @@ def fit_grid(weight: np.ndarray, block_size: int) -> Blocks:
     return eight if eight.max_error <= LOSSLESS else four
 
 
+def pack(q: np.ndarray) -> np.ndarray:
+    """4-bit values (N, blocks, block_size) two a byte, the first in the low half (MatMulNBits' layout)."""
+    return (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+
+
+def _zero_points(n: int, blocks: int) -> np.ndarray:
+    """Zero points of 0 for N rows of `blocks` 4-bit blocks, two a byte, each row's bytes padded."""
+    return np.zeros(n * ((blocks + 1) // 2), np.uint8)
+
+
+class _Writer:
+    """Writes MatMulNBits nodes (and their initializers) in place of a graph's MatMuls."""
+
+    def __init__(self, graph, block_size: int, accuracy_level: int):
+        self.graph, self.block_size, self.level = graph, block_size, accuracy_level
+        self.nodes: list = []
+        self.block_sums: dict[str, str] = {}  # input tensor -> its sums over each block
+
+    def _init(self, array: np.ndarray, name: str) -> str:
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    def _nbits(self, x: str, out: str, name: str, k: int, q: np.ndarray, scales: np.ndarray, zero: bool) -> None:
+        from onnx import helper
+
+        n, blocks, _ = q.shape
+        inputs = [x, self._init(pack(q), f"{name}_Q4"), self._init(scales.reshape(-1), f"{name}_scales")]
+        if zero:  # without zero points the kernel takes 8 for every block
+            inputs.append(self._init(_zero_points(n, blocks), f"{name}_zero_points"))
+        self.nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [out],
+                name=name,
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=4,
+                block_size=self.block_size,
+                accuracy_level=self.level,
+            )
+        )
+
+    def _block_sums(self, x: str, k: int) -> str:
+        """x's sum over each block of its last dimension: x @ indicator (K x blocks), once per input."""
+        from onnx import helper
+
+        if x not in self.block_sums:
+            blocks = -(-k // self.block_size)
+            indicator = np.zeros((k, blocks), np.float32)
+            indicator[np.arange(k), np.arange(k) // self.block_size] = 1.0
+            name = f"int4_block_indicator_{k}_{self.block_size}"
+            if not any(t.name == name for t in self.graph.initializer):
+                self._init(indicator, name)
+            out = f"{x}_block_sums"
+            self.nodes.append(helper.make_node("MatMul", [x, name], [out], name=f"{out}/MatMul"))
+            self.block_sums[x] = out
+        return self.block_sums[x]
+
+    def replace(self, node, weight: np.ndarray, b: Blocks) -> None:
+        """Nodes computing node's output from its input with `b` in place of `weight`."""
+        from onnx import helper
+
+        k = weight.shape[0]
+        x, out, name = node.input[0], node.output[0], node.name + NODE_SUFFIX
+        if b.bits == 8:  # q + 128 = 16 h + l: d * q = 16 d * (h - 8) + d * l
+            high, low = b.q >> 4, b.q & 15
+            self._nbits(x, f"{out}_high", f"{name}_high", k, high, 16 * b.scales, zero=False)
+            self._nbits(x, f"{out}_low", f"{name}_low", k, low, b.scales, zero=True)
+            self.nodes.append(helper.make_node("Add", [f"{out}_high", f"{out}_low"], [out], name=f"{name}_add"))
+            return
+        self._nbits(x, f"{out}_scaled", name, k, b.q, b.scales, zero=True)
+        offsets = self._init(np.ascontiguousarray(b.offsets.T), f"{name}_offsets")  # blocks x N
+        sums = self._block_sums(x, k)
+        self.nodes.append(helper.make_node("MatMul", [sums, offsets], [f"{out}_offsets"], name=f"{name}_offsets"))
+        self.nodes.append(helper.make_node("Add", [f"{out}_scaled", f"{out}_offsets"], [out], name=f"{name}_add"))
+
+
 def quantize(folder: Path, exclude: list[str], block_size: int, accuracy_level: int) -> dict:
-    """Rewrite folder/model.onnx(+.data) with its base projections in min/max int4; return what it measured:
-    how many MatMuls, the worst relative weight error, and whether every weight came back exactly."""
+    """Rewrite folder/model.onnx(+.data) with its base projections in int4 on their own grid; return what it
+    measured: how many MatMuls in which width, the MatMulNBits nodes written, the worst relative weight error,
+    and whether every weight came back exactly."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -118,7 +197,12 @@ def quantize(folder: Path, exclude: list[str], block_size: int, accuracy_level: 
     names = set(to_quantize(graph, exclude))
     if not names:
         raise StageError(f"int4: {path} has no projection MatMul left to quantize (builder.exclude)")
-    log.info("int4 on the weights' grid (blocks of %d): quantizing %d MatMuls", block_size, len(names))
+    log.info(
+        "int4 on the weights' grid (blocks of %d, accuracy level %d): quantizing %d MatMuls",
+        block_size,
+        accuracy_level,
+        len(names),
+    )
     weights = {t.name: t for t in graph.initializer}
     users: dict[str, int] = {}
     for node in graph.node:
@@ -126,41 +210,20 @@ def quantize(folder: Path, exclude: list[str], block_size: int, accuracy_level: 
             users[name] = users.get(name, 0) + 1
     worst = 0.0
     bits: dict[int, int] = {}
-    nodes = []
+    writer = _Writer(graph, block_size, accuracy_level)
     for node in graph.node:
         if node.name not in names:
-            nodes.append(node)
+            writer.nodes.append(node)
             continue
         weight = numpy_helper.to_array(weights[node.input[1]])
         b = fit_grid(weight, block_size)
         worst = max(worst, b.max_error)
         bits[b.bits] = bits.get(b.bits, 0) + 1
-        prefix = node.input[1]
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(b.packed, f"{prefix}_Q{b.bits}"),
-                numpy_helper.from_array(b.scales, f"{prefix}_scales"),
-                numpy_helper.from_array(b.zero_points, f"{prefix}_zero_points"),
-            ]
-        )
-        if users[prefix] == 1:
-            graph.initializer.remove(weights[prefix])
-        nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                [node.input[0], f"{prefix}_Q{b.bits}", f"{prefix}_scales", f"{prefix}_zero_points"],
-                list(node.output),
-                name=node.name + NODE_SUFFIX,
-                domain="com.microsoft",
-                K=weight.shape[0],
-                N=weight.shape[1],
-                bits=b.bits,
-                block_size=block_size,
-                accuracy_level=accuracy_level if b.bits == 4 else EIGHT_BIT_ACCURACY_LEVEL,
-            )
-        )
+        if users[node.input[1]] == 1:
+            graph.initializer.remove(weights[node.input[1]])
+        writer.replace(node, weight, b)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(writer.nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     for name in ("model.onnx", "model.onnx.data"):
@@ -168,11 +231,18 @@ def quantize(folder: Path, exclude: list[str], block_size: int, accuracy_level: 
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data"
     )
-    report = {"matmuls": len(names), "bits": bits, "max_error": worst, "lossless": worst <= LOSSLESS}
+    report = {
+        "matmuls": len(names),
+        "bits": bits,
+        "nodes": len(names) + bits.get(8, 0),  # an 8-bit MatMul is two 4-bit ones
+        "max_error": worst,
+        "lossless": worst <= LOSSLESS,
+    }
     log.info(
-        "int4: %d MatMuls (%s), largest weight error %.3g of the projection's largest weight (%s)",
+        "int4: %d MatMuls (%s) as %d MatMulNBits, largest weight error %.3g of the projection's largest weight (%s)",
         len(names),
-        ", ".join(f"{n} in {b} bits" for b, n in sorted(bits.items())),
+        ", ".join(f"{n} on {b}-bit grids" for b, n in sorted(bits.items())),
+        report["nodes"],
         worst,
         "the weights' own grid: nothing rounded again" if report["lossless"] else "rounded to nearest",
     )
@@ -180,7 +250,7 @@ def quantize(folder: Path, exclude: list[str], block_size: int, accuracy_level: 
 
 
 def check_int4(model: Path, expected: int, log_path: Path) -> None:
-    """Fail unless `expected` MatMuls became the kit's MatMulNBits and no LoRA branch did."""
+    """Fail unless `expected` MatMulNBits nodes are in the model and none of them is a LoRA branch."""
     import onnx
 
     graph = onnx.load(str(model / "model.onnx"), load_external_data=False).graph
