@@ -57,5 +57,6 @@ def test_kernel_note_says_what_a_cpu_without_the_features_falls_back_to(tiny_mod
     assert "no VNNI" in formats.kernel_note("int8", none) and "AVX2/SSE int8 path" in formats.kernel_note("int8", none)
     assert "VNNI" in formats.kernel_note("int8", {**none, "avx512_vnni": True})
     assert "AMX" in formats.kernel_note("int4", {**none, "amx_int8": True, "avx512_vnni": True})
+    assert "AVX2 int8 dot products" in formats.kernel_note("int4", {**none, "avx2": True})
     assert formats.kernel_note("fp32", {**none, "avx2": True}) == "fp32 projections: AVX2"
     assert formats.onnx_precision(tiny_model_dirs["onnx"]) == "int4"

@@ -97,7 +97,7 @@ def test_bench_runs_and_writes_ratios(private_run: Path, tmp_path: Path):
     args = ["--phrases", "2", "--repeats", "1", "--decode-tokens", "4", "--layout", "64,1,2,128,2112"]
     run([sys.executable, "scripts/bench.py", *args, "--out", str(out)], private_run)
     bench = json.loads(out.read_text())
-    # The pipeline's own model as its builder made it (int8 by default); the medium model in int4.
+    # The pipeline's own model as its builder made it (int4 on the weights' grid by default); the medium model in int4.
     for size, built in (("pipeline", BUILT), ("medium", "int4_onnx")):
         for name in (built, "fp32_onnx", "pytorch"):
             m = bench[size][name]
@@ -156,6 +156,7 @@ def test_bench_formats_builds_and_measures_each_format_beside_its_kernel(private
         "int4_acc4",
         "int4_acc1",
         "int4_grid",
+        "int4_grid_acc1",
         "int8",
         "int8_merged",
         "fp32",
@@ -170,9 +171,9 @@ def test_bench_formats_builds_and_measures_each_format_beside_its_kernel(private
         assert r["passes_gate"] == (r["gap_to_merged"] <= f["parity_tolerance"])
     assert f["formats"]["int8"]["batch_invariant"] is False and f["formats"]["fp32"]["batch_invariant"] is True
     assert f["formats"]["int8"]["batched_anyway"]["batch_ms_per_phrase"] > 0
-    assert f["chosen"] == "int8" and f["classify_speedup_vs_int4_reference"] > 0  # the tiny run's builder
-    assert f["formats"]["int4_grid"]["batch_invariant"] is True
-    assert set(f["prompt_profile"]) == {"int4_acc4", "int8", "fp32"}
+    assert f["chosen"] == "int4_grid" and f["classify_speedup_vs_int4_reference"] > 0  # the tiny run's builder
+    assert f["formats"]["int4_grid"]["batch_invariant"] is True  # its activations are rounded per row and block
+    assert set(f["prompt_profile"]) == {"int4_acc4", "int4_grid", "fp32"}
     assert set(f["machine"]["features"]) >= {"avx512_vnni", "amx_int8"}
 
 

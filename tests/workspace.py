@@ -30,7 +30,7 @@ def _built_key() -> str:
     return onnx_metrics_key(compose(["experiment=tiny"]).builder.precision)
 
 
-# metrics/eval.json's key for the ONNX model the finished tiny run built (int8_onnx: the default builder's).
+# metrics/eval.json's key for the ONNX model the finished tiny run built (int4_onnx: the default builder's).
 BUILT = _built_key()
 
 

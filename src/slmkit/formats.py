@@ -3,8 +3,8 @@
 - kernel_peaks: GFLOP/s of one matrix product at the model's prompt shape (batch rows x hidden by hidden x
   intermediate) on every kernel the formats use: PyTorch fp32 and bf16 (oneDNN), onnxruntime fp32 MatMul,
   int8 dynamic quantization (DynamicQuantizeMatMul, u8 weights as the kit writes them), int4 MatMulNBits at
-  accuracy levels 1 and 4, and the kit's int4 on the weights' grid (integer zero points plus the blocks'
-  minimums: slmkit.int4).
+  accuracy levels 1 and 4, and the kit's int4 on the weights' grid at levels 4 and 1 (integer zero points plus the
+  blocks' minimums: slmkit.int4).
 - classify_run (`python -m slmkit.formats MODEL_DIR`, one process per model so its memory is its own):
   accuracy on the test split, batched, constrained decoding; the same phrases one at a time (the labels must
   be the same) and with stop decoding; batched ms/phrase over many phrases; the prompt's GFLOP/s from the
@@ -32,6 +32,7 @@ FORMAT_KERNEL = {
     "int4_acc4": "ort_int4_acc4",
     "int4_acc1": "ort_int4_acc1",
     "int4_grid": "ort_int4_grid",
+    "int4_grid_acc1": "ort_int4_grid_acc1",
     "int8": "ort_int8",
     "int8_merged": "ort_int8",
     "fp32": "ort_fp32",
@@ -84,11 +85,13 @@ def kernel_note(precision: str, features: dict[str, bool] | None = None) -> str:
             unit = "AMX int8 tiles"
         elif vnni:
             unit = "VNNI int8 dot products"
-        else:
+        elif precision == "int8":
             unit = (
                 "no VNNI on this CPU: onnxruntime's AVX2/SSE int8 path (u8 weights keep it exact; measured slower "
                 "than fp32 here: metrics/int8_no_vnni_run.json, builder=fp32_cpu)"
             )
+        else:
+            unit = "no VNNI on this CPU: onnxruntime's AVX2 int8 dot products, the input rounded to int8 per block"
         return f"{precision} projections: {unit}"
     return f"fp32 projections: {fp32}"
 
@@ -160,11 +163,12 @@ def kernel_peaks(m: int, k: int, n: int, threads: int, min_seconds: float = 0.5)
             quantizer.process()
             quantizer.model.save_model_to_file(str(folder / f"int4_{level}.onnx"))
             models[f"ort_int4_acc{level}"] = folder / f"int4_{level}.onnx"
-        grid = folder / "grid"
-        grid.mkdir()
-        shutil.copy(fp32, grid / "model.onnx")
-        int4.quantize(grid, [], 32, 4)
-        models["ort_int4_grid"] = grid / "model.onnx"
+        for level, name in ((4, "ort_int4_grid"), (1, "ort_int4_grid_acc1")):
+            grid = folder / name
+            grid.mkdir()
+            shutil.copy(fp32, grid / "model.onnx")
+            int4.quantize(grid, [], 32, level)
+            models[name] = grid / "model.onnx"
         for name, path in models.items():
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             peaks[name] = _rate(lambda s=session: s.run(None, {"x": x}), flops, min_seconds)
