@@ -75,8 +75,9 @@ def test_conf_dir_is_the_repo_conf():
     assert GROUP_FILES, "no option files found under conf/<group>/"
 
 
-# Options a separate build (builder.adapter=separate: the default int4_grid_cpu's, int8_cpu's and int4_cpu's) cannot take: each
-# is refused naming the key, and composes with the setting the message names (docs/configuration.md lists them).
+# Options a separate build (builder.adapter=separate: the default int4_grid_cpu's, int8_cpu's and int4_cpu's)
+# cannot take: each is refused naming the key, and composes with the setting the message names
+# (docs/configuration.md lists them).
 NEEDS_MERGED_BUILD = {"model=phi3_tiny", "lora=dora"}
 
 
