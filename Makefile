@@ -61,7 +61,7 @@ config: env ## Dry run: print the config ARGS compose to and the stages `make fi
 # One run per workspace (slmkit.runlock): a second `make finetune` here refuses and changes nothing.
 RUNLOCK := $(PY) -m slmkit.runlock
 
-finetune: env ## Run the whole pipeline: data -> LoRA -> merge -> ONNX (int8) -> eval -> adapter (ARGS=overrides)
+finetune: env ## Run the whole pipeline: data -> LoRA -> merge -> ONNX (int4) -> eval -> adapter (ARGS=overrides)
 	$(RUNLOCK) $(MAKE) --no-print-directory _finetune
 
 _finetune:
