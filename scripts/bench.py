@@ -303,9 +303,10 @@ def overhead() -> dict:
 FORMATS = {
     "int4_acc4": ["builder=int4_cpu"],  # the int4 reference recipe (MatMulNBits, accuracy level 4)
     "int4_acc1": ["builder=int4_cpu", "builder.int4_accuracy_level=1"],
-    "int4_grid": ["builder=int4_grid_cpu"],  # the kit's int4 on the weights' own grid (slmkit.int4), level 4
-    "int4_grid_acc1": ["builder=int4_grid_cpu", "builder.int4_accuracy_level=1"],  # the same in fp32 compute
-    "int8": ["builder=int8_cpu"],  # the default: the adapter's branches beside the int8 base, in fp32
+    # The kit's int4 on the weights' own grid (slmkit.int4) at level 4, and at level 1 (fp32 compute: the default).
+    "int4_grid": ["builder=int4_grid_cpu", "builder.int4_accuracy_level=4"],
+    "int4_grid_acc1": ["builder=int4_grid_cpu", "builder.int4_accuracy_level=1"],
+    "int8": ["builder=int8_cpu"],  # the adapter's branches beside the int8 base, in fp32
     "int8_merged": ["builder=int8_cpu", "builder.adapter=merged"],
     "fp32": ["builder=fp32_cpu"],
 }
@@ -394,7 +395,7 @@ def formats(args) -> dict:
         profiles[name] = fm.profile_prompt(paths[name], cfg.evaluate.batch_size, tokens, threads)
         log.info("%s prompt pass: %s", name, profiles[name])
     out: dict = {
-        "machine": {**bench.machine(), "features": fm.cpu_features()},
+        "machine": bench.machine(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": cfg.model.name,
         "kernel_shape": list(shape),

@@ -171,9 +171,11 @@ def test_bench_formats_builds_and_measures_each_format_beside_its_kernel(private
         assert r["passes_gate"] == (r["gap_to_merged"] <= f["parity_tolerance"])
     assert f["formats"]["int8"]["batch_invariant"] is False and f["formats"]["fp32"]["batch_invariant"] is True
     assert f["formats"]["int8"]["batched_anyway"]["batch_ms_per_phrase"] > 0
-    assert f["chosen"] == "int4_grid" and f["classify_speedup_vs_int4_reference"] > 0  # the tiny run's builder
-    assert f["formats"]["int4_grid"]["batch_invariant"] is True  # its activations are rounded per row and block
-    assert set(f["prompt_profile"]) == {"int4_acc4", "int4_grid", "fp32"}
+    # The tiny run's builder is the default's: the grid in fp32 compute.
+    assert f["chosen"] == "int4_grid_acc1" and f["classify_speedup_vs_int4_reference"] > 0
+    assert f["formats"]["int4_grid"]["batch_invariant"] is True  # level 4 rounds activations per row and block
+    assert f["formats"]["int4_grid_acc1"]["batch_invariant"] is True
+    assert set(f["prompt_profile"]) == {"int4_acc4", "int4_grid_acc1", "fp32"}
     assert set(f["machine"]["features"]) >= {"avx512_vnni", "amx_int8"}
 
 

@@ -403,8 +403,12 @@ if __name__ == "__main__":
 
 
 def machine() -> dict:
-    """The CPU model, cores, memory and Python version a figure was measured on."""
+    """The CPU model and its instruction sets (AMX, AVX-512 bf16, VNNI: they decide which kernels run, and
+    int4 at accuracy level 4 rounds differently on each), cores, memory and Python version a figure was
+    measured on."""
     import psutil
+
+    from slmkit.formats import cpu_features
 
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -416,4 +420,5 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
+        "features": cpu_features(),
     }
