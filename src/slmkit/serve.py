@@ -79,10 +79,16 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
+# How much of a body over the limit is read and dropped before the 413 (a lingering close, as nginx does): a client
+# still sending when the server closes gets a broken pipe or a reset instead of the answer.
+DRAIN_BYTES = 2**20
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or a 413 as soon as it is known to be over `limit` bytes: from Content-Length
-    before reading any of it, else (a chunked body) once the bytes read pass the limit. uvicorn reads at
-    most 64 KiB ahead of this loop and discards what is left after the answer.
+    """The request body, or a 413 once it is known to be over `limit` bytes. A body over the limit is read on
+    and dropped up to DRAIN_BYTES, so the client has sent it all when the answer comes; one larger than that
+    (from Content-Length, before reading any of it, or once that much is read) is answered at once, and uvicorn
+    discards what is left after the answer.
 
     Starlette's RequestBodyLimitMiddleware answers the same in plain text; this answer is JSON naming the limit.
     """
@@ -90,13 +96,17 @@ async def read_body(request: Request, limit: int) -> bytes:
         413, f"the body is over the limit of {limit} bytes (--max-body-bytes); send fewer phrases per request"
     )
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > max(limit, DRAIN_BYTES):
         raise too_large
-    body = bytearray()
+    body, size = bytearray(), 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        size += len(chunk)
+        if size > max(limit, DRAIN_BYTES):
             raise too_large
+        if size <= limit:
+            body += chunk
+    if size > limit:
+        raise too_large
     return bytes(body)
 
 
