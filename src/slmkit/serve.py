@@ -95,13 +95,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     too_large = RequestError(
         413, f"the body is over the limit of {limit} bytes (--max-body-bytes); send fewer phrases per request"
     )
+    read_at_most = max(limit, DRAIN_BYTES)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max(limit, DRAIN_BYTES):
+    if declared.isdigit() and int(declared) > read_at_most:
         raise too_large
     body, size = bytearray(), 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max(limit, DRAIN_BYTES):
+        if size > read_at_most:
             raise too_large
         if size <= limit:
             body += chunk
